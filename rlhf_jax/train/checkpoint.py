@@ -1,0 +1,89 @@
+"""Orbax checkpoints: the train state and the data iterator's position, together.
+
+Orbax writes each step into a temporary directory and renames it when complete,
+so a run killed mid-save leaves the previous checkpoint as the latest one.
+"""
+
+import os
+from typing import Any
+
+import jax
+from flax import traverse_util
+import orbax.checkpoint as ocp
+
+from rlhf_jax.train import sharding as sharding_lib
+
+
+def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               options=options, item_names=("state", "data"))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: Any) -> None:
+  """Saves the state pytree and the (JSON-serialisable) data iterator state."""
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          data=ocp.args.JsonSave(data_state)), force=True)
+  mngr.wait_until_finished()
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, like_state: Any):
+  """Restores (state, data_state) at `step` onto the shardings of `like_state`.
+
+  The target shardings come from `like_state`, so a checkpoint written on one
+  mesh restores onto another.
+  """
+  target = sharding_lib.abstract_with_shardings(like_state)
+  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                   data=ocp.args.JsonRestore()))
+  return out["state"], out["data"]
+
+
+def checkpoint_dir(path: str) -> tuple[str, int]:
+  """Resolves a workdir, its checkpoints/ folder, or a step folder to (checkpoints dir, step)."""
+  path = os.path.abspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+  candidates = [path, os.path.join(path, "checkpoints")]
+  for directory in candidates:
+    if os.path.isdir(directory):
+      steps = ocp.utils.checkpoint_steps(directory)
+      if steps:
+        return directory, max(steps)
+  parent, name = os.path.split(path)
+  if name.isdigit() and os.path.isdir(os.path.join(path, "state")):
+    return parent, int(name)
+  raise FileNotFoundError(f"no complete checkpoint under {path!r} (expected a workdir, its "
+                          "checkpoints/ folder or a step folder)")
+
+
+def load_params(path: str, like_params: Any) -> Any:
+  """Loads the trained params of another run's checkpoint onto `like_params`' shardings.
+
+  Leaves that the checkpoint has replace those of `like_params`; leaves it lacks
+  (a new scalar head, say) keep their fresh initialisation. A leaf whose shape
+  differs is an error that names it.
+  """
+  directory, step = checkpoint_dir(path)
+  with ocp.CheckpointManager(directory, item_names=("state", "data")) as mngr:
+    saved = mngr.item_metadata(step)["state"]["params"]
+  flat_like = traverse_util.flatten_dict(like_params, sep="/")
+  target = {}
+  for key, leaf in traverse_util.flatten_dict(saved, sep="/").items():
+    if key not in flat_like:
+      continue
+    like = flat_like[key]
+    if tuple(leaf.shape) != tuple(like.shape):
+      raise ValueError(f"checkpoint {path!r}: params/{key} has shape {tuple(leaf.shape)}, "
+                       f"the model expects {tuple(like.shape)}")
+    target[key] = jax.ShapeDtypeStruct(like.shape, like.dtype, sharding=like.sharding)
+  if not target:
+    raise ValueError(f"checkpoint {path!r} shares no parameter with this model")
+  item = {"params": traverse_util.unflatten_dict(target, sep="/")}
+  restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype), item)
+  args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+  with ocp.CheckpointManager(directory, item_names=("state",)) as mngr:
+    loaded = mngr.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
+  flat_like.update(traverse_util.flatten_dict(loaded, sep="/"))
+  return traverse_util.unflatten_dict(flat_like, sep="/")

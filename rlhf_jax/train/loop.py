@@ -1,0 +1,154 @@
+"""The one training loop every stage plugs into.
+
+A stage is a module with four functions (see ARCHITECTURE.md):
+  make_data(config, workdir)        -> Data(train=checkpointable iterator, eval=callable)
+  init(config, rng, mesh)           -> TrainState, already sharded on `mesh`
+  make_step(config)                 -> pure (state, batch, rng) -> (state, metrics)
+  evaluate(config, state, data, mesh, rng) -> dict of metrics
+The loop shards each batch, calls the jitted step, logs, evaluates, checkpoints,
+and stops on a non-finite loss or SIGTERM.
+"""
+
+import contextlib
+import dataclasses
+import math
+import signal
+import time
+from typing import Any, Callable, Iterator
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from rlhf_jax.train import checkpoint as checkpoint_lib
+from rlhf_jax.train import metrics as metrics_lib
+from rlhf_jax.train import sharding as sharding_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """A stage's data: a checkpointable train iterator and a source of eval batches."""
+  train: Iterator[dict]           # also has get_state() / set_state(state)
+  eval: Callable[[], Any] | None  # () -> iterable of eval batches (numpy dicts)
+  stats: dict = dataclasses.field(default_factory=dict)  # counts from preparation (skipped, truncated)
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+@contextlib.contextmanager
+def _preemption_flag():
+  """Yields a list that becomes [signum] when SIGTERM arrives; restores the old handler."""
+  received: list[int] = []
+  previous = signal.getsignal(signal.SIGTERM)
+  try:
+    signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+  except ValueError:  # not the main thread: pre-emption is the caller's business
+    previous = None
+  try:
+    yield received
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
+
+
+def _check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
+  """Fetches pending step metrics; raises on the first non-finite loss, naming its step."""
+  fetched = []
+  for step, metrics in pending:
+    host = metrics_lib.to_python(metrics)
+    loss = host.get("loss")
+    if loss is not None and not math.isfinite(loss):
+      raise NonFiniteLossError(
+          f"loss is {loss} at step {step}; stopping. No checkpoint of this or later "
+          "steps is kept: the latest checkpoint is the last finite one.")
+    fetched.append((step, host))
+  return fetched
+
+
+def count_tokens(batch: dict) -> int:
+  """Non-pad tokens a batch feeds the model: every `mask` / `*_mask` except loss masks."""
+  return int(sum(np.sum(v) for k, v in batch.items()
+                 if (k == "mask" or k.endswith("_mask")) and "loss" not in k))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, stage) -> dict:
+  """Runs (or resumes) `stage` for config.train.num_steps; returns the last eval metrics."""
+  mesh = sharding_lib.make_mesh(config.mesh)
+  axis_rules = sharding_lib.rules(config)
+  root_rng = jax.random.key(config.seed)
+  init_rng, step_rng, eval_rng = jax.random.split(root_rng, 3)
+  tc = config.train
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
+    data = stage.make_data(config, workdir)
+    state = stage.init(config, init_rng, mesh)
+    mngr = checkpoint_lib.manager(workdir, tc.keep_checkpoints)
+    start = 0
+    if mngr.latest_step() is not None:
+      start = mngr.latest_step()
+      state, data_state = checkpoint_lib.restore(mngr, start, state)
+      data.train.set_state(data_state)
+      metrics_lib.truncate_jsonl(workdir, start)
+      metrics_lib.log_console(f"resumed from step {start} in {workdir}")
+    writer = metrics_lib.MetricWriter(workdir, config.stage)
+    if data.stats:
+      writer.write(start, {f"data/{k}": v for k, v in data.stats.items()}, split="data")
+
+    state_shardings = sharding_lib.shardings_of(state)
+    step_fn = jax.jit(stage.make_step(config),
+                      in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh),
+                                    sharding_lib.replicated(mesh)),
+                      out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
+                      donate_argnums=(0,))
+
+    def run_eval(step):
+      if data.eval is None:
+        return {}
+      metrics = stage.evaluate(config, state, data, mesh, jax.random.fold_in(eval_rng, step))
+      writer.write(step, metrics, split="eval")
+      metrics_lib.log_console(f"eval @ {step}: " + " ".join(
+          f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if isinstance(v, (int, float))))
+      return metrics
+
+    def save(step):
+      checkpoint_lib.save(mngr, step, state, data.train.get_state())
+
+    progress = metrics_lib.Progress(tc.num_steps, start)
+    pending: list[tuple[int, dict]] = []
+    eval_metrics: dict = {}
+    tokens_seen, last_time = 0, time.perf_counter()
+    with _preemption_flag() as preempted:
+      for step in range(start + 1, tc.num_steps + 1):
+        host_batch = next(data.train)
+        tokens_seen += count_tokens(host_batch)
+        batch = sharding_lib.put_batch(host_batch, mesh)
+        state, metrics = step_fn(state, batch, jax.random.fold_in(step_rng, step))
+        pending.append((step, metrics))
+
+        is_last = step == tc.num_steps
+        checkpoint_now = is_last or preempted or (tc.checkpoint_every and step % tc.checkpoint_every == 0)
+        if step % tc.log_every == 0 or checkpoint_now:
+          fetched = _check_finite(pending)
+          pending = []
+          now = time.perf_counter()
+          for s, m in fetched:
+            writer.write(s, m)
+          last = dict(fetched[-1][1], tokens_per_second=tokens_seen / (now - last_time))
+          tokens_seen, last_time = 0, now
+          metrics_lib.log_console(progress.line(step, last))
+        if tc.eval_every and step % tc.eval_every == 0 and not is_last:
+          eval_metrics = run_eval(step)
+        if checkpoint_now:
+          save(step)
+        if preempted:
+          metrics_lib.log_console(f"SIGTERM: saved step {step} and stopped")
+          writer.close()
+          return {"preempted_at": step}
+      if start >= tc.num_steps:
+        metrics_lib.log_console(f"already trained to step {start}; evaluating only")
+      eval_metrics = run_eval(tc.num_steps)
+  writer.close()
+  return eval_metrics
