@@ -1,0 +1,215 @@
+"""Direct preference losses: DPO and its relatives, plus KTO.
+
+Inputs are summed sequence log-probs `[batch]` (see `sft.sequence_logprobs`):
+`policy_chosen_logps` = log pi(y_w | x), `reference_chosen_logps` = log pi_ref(y_w | x), and
+likewise for the rejected y_l. Each loss returns per-example losses `[batch]`;
+`preference_loss` dispatches on a string kind and returns `(mean loss, metrics)`.
+Throughout, h = log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l).
+"""
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+
+
+def _float(x):
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _log_ratio_diff(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                    reference_rejected_logps):
+  return ((_float(policy_chosen_logps) - _float(reference_chosen_logps))
+          - (_float(policy_rejected_logps) - _float(reference_rejected_logps)))
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+             reference_rejected_logps, *, beta=0.1, label_smoothing=0.0):
+  """DPO (Rafailov et al. 2023, eq. 7): -log sigma(beta h), per example `[batch]`.
+
+  With label_smoothing eps > 0 this is conservative DPO (Mitchell 2023, "A note on DPO with
+  noisy preferences"): -(1 - eps) log sigma(beta h) - eps log sigma(-beta h).
+  """
+  z = beta * _log_ratio_diff(policy_chosen_logps, policy_rejected_logps,
+                             reference_chosen_logps, reference_rejected_logps)
+  return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
+
+
+def robust_dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                    reference_rejected_logps, *, beta=0.1, label_smoothing=0.0):
+  """Robust DPO (Chowdhury et al. 2024, "Provably Robust DPO", the de-biased loss).
+
+  Unbiased for preferences flipped with known rate eps = label_smoothing < 1/2:
+  [(1 - eps)(-log sigma(beta h)) - eps(-log sigma(-beta h))] / (1 - 2 eps), `[batch]`.
+  """
+  if isinstance(label_smoothing, (int, float)) and not 0.0 <= label_smoothing < 0.5:
+    raise ValueError(f'robust_dpo_loss: label_smoothing={label_smoothing} must be in [0, 0.5)')
+  z = beta * _log_ratio_diff(policy_chosen_logps, policy_rejected_logps,
+                             reference_chosen_logps, reference_rejected_logps)
+  eps = label_smoothing
+  return (-(1.0 - eps) * jax.nn.log_sigmoid(z) + eps * jax.nn.log_sigmoid(-z)) / (1.0 - 2.0 * eps)
+
+
+def ipo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+             reference_rejected_logps, *, beta=0.1):
+  """IPO (Azar et al. 2023, eq. 17): (h - 1 / (2 tau))^2 with tau = beta, `[batch]`."""
+  h = _log_ratio_diff(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                      reference_rejected_logps)
+  return jnp.square(h - 1.0 / (2.0 * beta))
+
+
+def hinge_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+               reference_rejected_logps, *, beta=0.1):
+  """SLiC-HF rank calibration (Zhao et al. 2023) on the DPO log-ratio: max(0, 1 - beta h)."""
+  h = _log_ratio_diff(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                      reference_rejected_logps)
+  return jax.nn.relu(1.0 - beta * h)
+
+
+def _per_token(logps, lengths):
+  return _float(logps) / jnp.maximum(_float(lengths), 1.0)
+
+
+def simpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, *,
+               beta=2.0, gamma=0.5):
+  """SimPO (Meng et al. 2024, eq. 6), reference-free, `[batch]`.
+
+  -log sigma(beta/|y_w| log pi(y_w|x) - beta/|y_l| log pi(y_l|x) - gamma), with |y| the number
+  of response tokens (`chosen_lengths`, `rejected_lengths`: `[batch]`).
+  """
+  z = (beta * _per_token(policy_chosen_logps, chosen_lengths)
+       - beta * _per_token(policy_rejected_logps, rejected_lengths) - gamma)
+  return -jax.nn.log_sigmoid(z)
+
+
+# Per-token log-probs are clamped below 0 so that the odds p / (1 - p) stay finite at p -> 1.
+_MAX_MEAN_LOGP = -1e-6
+
+
+def log1mexp(x):
+  """log(1 - exp(x)) for x < 0, stable at both ends (Maechler 2012) and with finite grads."""
+  x = jnp.minimum(_float(x), _MAX_MEAN_LOGP)
+  near_zero = x > -jnp.log(2.0)
+  # Each branch gets a safe dummy input where it is not selected, so no NaN gradient leaks.
+  a = jnp.log(-jnp.expm1(jnp.where(near_zero, x, -1.0)))
+  b = jnp.log1p(-jnp.exp(jnp.where(near_zero, -1.0, x)))
+  return jnp.where(near_zero, a, b)
+
+
+def orpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, *,
+              lam=0.1):
+  """ORPO (Hong et al. 2024, eqs. 6-7): L_SFT + lam * L_OR, reference-free, `[batch]`.
+
+  P(y|x) is the length-normalised likelihood exp(log pi(y|x) / |y|);
+  log odds(y) = log P - log(1 - P); L_OR = -log sigma(log odds(y_w) - log odds(y_l));
+  L_SFT = -log pi(y_w|x) / |y_w|.
+  """
+  logp_w = jnp.minimum(_per_token(policy_chosen_logps, chosen_lengths), _MAX_MEAN_LOGP)
+  logp_l = jnp.minimum(_per_token(policy_rejected_logps, rejected_lengths), _MAX_MEAN_LOGP)
+  log_odds = (logp_w - log1mexp(logp_w)) - (logp_l - log1mexp(logp_l))
+  return -logp_w - lam * jax.nn.log_sigmoid(log_odds)
+
+
+def kto_loss(policy_logps, reference_logps, desirable, kl_reference_point, *, beta=0.1,
+             desirable_weight=1.0, undesirable_weight=1.0):
+  """KTO (Ethayarajh et al. 2024, eq. 8) on unpaired examples, `[batch]`.
+
+  r = log pi(y|x) / pi_ref(y|x); z0 = `kl_reference_point` (treated as a constant);
+  v = lambda_D sigma(beta (r - z0)) if desirable else lambda_U sigma(beta (z0 - r));
+  loss = lambda_y - v.
+
+  Args:
+    policy_logps, reference_logps: `[batch]` summed log-probs.
+    desirable: `[batch]` bool, True for a desirable (thumbs-up) y.
+    kl_reference_point: scalar z0 >= 0, e.g. from `kto_reference_point`.
+  """
+  r = _float(policy_logps) - _float(reference_logps)
+  z0 = jax.lax.stop_gradient(_float(kl_reference_point))
+  desirable = jnp.asarray(desirable, bool)
+  weight = jnp.where(desirable, desirable_weight, undesirable_weight)
+  v = weight * jax.nn.sigmoid(jnp.where(desirable, beta * (r - z0), beta * (z0 - r)))
+  return weight - v
+
+
+def kto_reference_point(policy_logps, reference_logps):
+  """KTO's z0 (Ethayarajh et al. 2024, Sec. 4.1): max(0, mean log pi/pi_ref), no gradient.
+
+  Pass log-probs of mismatched pairs (x_i, y_j), j != i, e.g. the batch's responses shifted
+  by one, as a biased estimate of KL(pi || pi_ref). Returns a scalar.
+  """
+  kl = jnp.mean(_float(policy_logps) - _float(reference_logps))
+  return jax.lax.stop_gradient(jnp.maximum(kl, 0.0))
+
+
+_PAIRED_LOSSES = {
+    'sigmoid': dpo_loss,
+    'robust': robust_dpo_loss,
+    'ipo': ipo_loss,
+    'hinge': hinge_loss,
+    'simpo': simpo_loss,
+    'orpo': orpo_loss,
+}
+KINDS = tuple(_PAIRED_LOSSES)
+_REFERENCE_FREE = ('simpo', 'orpo')
+
+
+def preference_loss(kind, policy_chosen_logps, policy_rejected_logps,
+                    reference_chosen_logps=None, reference_rejected_logps=None, *,
+                    chosen_lengths=None, rejected_lengths=None, **hparams):
+  """Mean paired preference loss of `kind` in `KINDS`, and metrics.
+
+  Args:
+    kind: 'sigmoid' (DPO / cDPO), 'robust', 'ipo', 'hinge', 'simpo' or 'orpo'.
+    policy_chosen_logps, policy_rejected_logps: `[batch]` summed log-probs under pi.
+    reference_chosen_logps, reference_rejected_logps: `[batch]` under pi_ref; unused (may be
+      None) for the reference-free 'simpo' and 'orpo'.
+    chosen_lengths, rejected_lengths: `[batch]` response token counts, for 'simpo', 'orpo'.
+    **hparams: keyword hyper-parameters of the chosen loss function (e.g. beta,
+      label_smoothing, gamma, lam).
+
+  Returns:
+    `(loss, metrics)`. Implicit rewards are beta (log pi - log pi_ref) (DPO, eq. 5), or for
+    the reference-free kinds beta log pi / |y| (SimPO eq. 4; ORPO uses beta = 1). Metrics:
+    loss, rewards/chosen, rewards/rejected, rewards/margin, rewards/accuracy, logps/chosen,
+    logps/rejected (batch means).
+  """
+  if kind not in _PAIRED_LOSSES:
+    raise ValueError(f'preference_loss: unknown kind {kind!r}; expected one of {KINDS}')
+  fn = _PAIRED_LOSSES[kind]
+  params = inspect.signature(fn).parameters
+  accepted = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY]
+  unknown = sorted(set(hparams) - set(accepted))
+  if unknown:
+    raise ValueError(f'preference_loss(kind={kind!r}): unexpected hyper-parameter(s) {unknown}; '
+                     f'accepts {accepted}')
+  beta = hparams.get('beta', params['beta'].default if 'beta' in params else 1.0)
+
+  pc, pr = _float(policy_chosen_logps), _float(policy_rejected_logps)
+  if kind in _REFERENCE_FREE:
+    if chosen_lengths is None or rejected_lengths is None:
+      raise ValueError(f'preference_loss(kind={kind!r}) needs chosen_lengths and rejected_lengths')
+    losses = fn(pc, pr, chosen_lengths, rejected_lengths, **hparams)
+    reward_c = beta * _per_token(pc, chosen_lengths)
+    reward_r = beta * _per_token(pr, rejected_lengths)
+  else:
+    if reference_chosen_logps is None or reference_rejected_logps is None:
+      raise ValueError(f'preference_loss(kind={kind!r}) needs reference_chosen_logps and '
+                       'reference_rejected_logps')
+    rc, rr = _float(reference_chosen_logps), _float(reference_rejected_logps)
+    losses = fn(pc, pr, rc, rr, **hparams)
+    reward_c, reward_r = beta * (pc - rc), beta * (pr - rr)
+  if losses.ndim != 1:
+    raise ValueError(f'preference_loss: log-probs must be [batch], got shape {pc.shape}')
+
+  loss = jnp.mean(losses)
+  metrics = {
+      'loss': loss,
+      'rewards/chosen': jnp.mean(reward_c),
+      'rewards/rejected': jnp.mean(reward_r),
+      'rewards/margin': jnp.mean(reward_c - reward_r),
+      'rewards/accuracy': jnp.mean((reward_c > reward_r).astype(jnp.float32)),
+      'logps/chosen': jnp.mean(pc),
+      'logps/rejected': jnp.mean(pr),
+  }
+  return loss, metrics
