@@ -58,6 +58,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.batch_size = 16      # global batch size, examples per optimizer step
   c.data.eval_batch_size = 32
   c.data.data_dir = ""        # where TFDS datasets are prepared; "" means <workdir>/data
+  c.data.source = "testbed"   # testbed | jsonl | alpaca | hh | dataset (see rlhf_jax/data/sources.py)
+  c.data.train_file = ""      # JSONL(.gz) file for the jsonl / alpaca / hh sources
+  c.data.eval_file = ""       # held-out file; "" splits eval_fraction off train_file
+  c.data.eval_fraction = 0.1
+  c.data.split_seed = 0       # seeds that split, independent of the run seed
+  c.data.on_error = "raise"   # malformed record: "raise" (naming file:line) or "skip" (counted)
+  c.data.dataset_dir = ""     # a prepared dataset, for source "dataset"
+  c.data.corpus_seed = 0      # testbed corpus: the same seed gives the same corpus byte for byte
+  c.data.corpus_train = 100_000
+  c.data.corpus_test = 5_000
+  c.data.prompt_len = 32      # left-padded prompt length for sampling stages
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-3   # peak learning rate

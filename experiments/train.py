@@ -10,6 +10,7 @@ import os
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from rlhf_jax.train import loop
@@ -36,8 +37,15 @@ def write_config(config, workdir: str) -> None:
   os.replace(path + ".tmp", path)
 
 
+def quiet_logging() -> None:
+  """absl WARNING unless --verbosity was given: Orbax logs every file it writes at INFO."""
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+
+
 def main(argv):
   del argv
+  quiet_logging()
   config = _CONFIG.value
   stage = load_stage(config.stage)
   write_config(config, _WORKDIR.value)

@@ -16,7 +16,6 @@ import signal
 import time
 from typing import Any, Callable, Iterator
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -77,12 +76,11 @@ def count_tokens(batch: dict) -> int:
 def train(config: ml_collections.ConfigDict, workdir: str, stage) -> dict:
   """Runs (or resumes) `stage` for config.train.num_steps; returns the last eval metrics."""
   mesh = sharding_lib.make_mesh(config.mesh)
-  axis_rules = sharding_lib.rules(config)
   root_rng = jax.random.key(config.seed)
   init_rng, step_rng, eval_rng = jax.random.split(root_rng, 3)
   tc = config.train
 
-  with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
+  with jax.set_mesh(mesh):
     data = stage.make_data(config, workdir)
     state = stage.init(config, init_rng, mesh)
     mngr = checkpoint_lib.manager(workdir, tc.keep_checkpoints)

@@ -10,7 +10,6 @@ import time
 
 import jax
 import numpy as np
-from absl import logging
 
 
 def to_python(metrics: dict) -> dict:
@@ -85,5 +84,4 @@ class Progress:
 
 def log_console(message: str) -> None:
   if jax.process_index() == 0:
-    logging.info("%s", message)
     print(message, flush=True)

@@ -57,10 +57,11 @@ def init_sharded(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh
   `init_fn` may return logically boxed values (flax `nn.Partitioned`); leaves
   without boxes are replicated. Nothing is materialised on one device first.
   """
-  with nn.logical_axis_rules(axis_rules):
-    abstract = jax.eval_shape(init_fn, rng)
-    shardings = logical_shardings(abstract, mesh, axis_rules)
-    tree = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(rng)
+  # Rules are passed explicitly and never set in context: flax would otherwise
+  # constrain DenseGeneral kernels before reshaping them to their logical rank.
+  abstract = jax.eval_shape(init_fn, rng)
+  shardings = logical_shardings(abstract, mesh, axis_rules)
+  tree = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(rng)
   return tree, shardings
 
 

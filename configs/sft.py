@@ -1,0 +1,14 @@
+"""SFT on the testbed's review continuations (prompt: a review's first words)."""
+
+from configs import base
+
+
+def get_config():
+  c = base.get_config()
+  c.stage = "sft"
+  c.data.seq_len = 128
+  c.data.batch_size = 16
+  c.train.num_steps = 300
+  c.train.eval_every = 100
+  c.optimizer.learning_rate = 1e-3
+  return c

@@ -1,0 +1,87 @@
+"""What every stage builds the same way: the model, its sharded params and train state, eval averaging."""
+
+import os
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from rlhf_jax.model import transformer
+from rlhf_jax.train import checkpoint as checkpoint_lib
+from rlhf_jax.train import sharding as sharding_lib
+from rlhf_jax.train import state as state_lib
+
+
+def make_model(config: ml_collections.ConfigDict, heads=("lm",)) -> transformer.Transformer:
+  return transformer.Transformer(transformer.TransformerConfig.from_dict(config.model), heads=heads)
+
+
+def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  return config.data.data_dir or os.path.join(workdir, "data")
+
+
+def _dummy_inputs(length: int = 8):
+  tokens = jnp.zeros((1, length), jnp.int32)
+  return tokens, tokens, jnp.ones((1, length), jnp.int32)
+
+
+def init_state(config: ml_collections.ConfigDict, model: transformer.Transformer, rng: jax.Array,
+               mesh, extras_fn: Callable[[Any], dict] | None = None) -> state_lib.TrainState:
+  """A sharded TrainState for `model`, its params optionally from `config.init`.
+
+  `extras_fn(params) -> dict` builds frozen extras from the (possibly loaded)
+  params, e.g. `lambda p: {'reference': p}` for a frozen reference policy.
+  """
+  tx = state_lib.make_optimizer(config.optimizer, config.train.num_steps)
+  axis_rules = sharding_lib.rules(config)
+
+  def init_fn(r):
+    params = model.init(r, *_dummy_inputs())["params"]
+    extras = extras_fn(params) if extras_fn else {}
+    return state_lib.TrainState.create(params=params, tx=tx, extras=extras)
+
+  state, _ = sharding_lib.init_sharded(init_fn, rng, mesh, axis_rules)
+  params = load_initial_params(config, state.params)
+  if params is not state.params:
+    extras = extras_fn(params) if extras_fn else {}
+    copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))   # extras own their buffers (donation)
+    state = state.replace(params=params, extras=copy(extras))
+  return state
+
+
+def load_initial_params(config: ml_collections.ConfigDict, params: Any) -> Any:
+  """Params from `config.init.checkpoint` / `config.init.hf_dir` merged onto `params`."""
+  if config.init.checkpoint and config.init.hf_dir:
+    raise ValueError("config.init: set checkpoint or hf_dir, not both")
+  if config.init.checkpoint:
+    return checkpoint_lib.load_params(config.init.checkpoint, params)
+  if config.init.hf_dir:
+    from rlhf_jax.interop import hf  # optional dependency path
+    return hf.load_params_into(config.init.hf_dir, params)
+  return params
+
+
+def average_over_batches(eval_step: Callable, state, batches: Iterable[dict], mesh) -> dict:
+  """Weighted mean of `eval_step(state, batch) -> metrics` over batches.
+
+  Each metrics dict carries a `weight` (tokens or examples it averages over);
+  every other entry is averaged with those weights.
+  """
+  totals: dict = {}
+  total_weight = 0.0
+  for batch in batches:
+    metrics = jax.device_get(eval_step(state, sharding_lib.put_batch(batch, mesh)))
+    weight = float(metrics.pop("weight"))
+    total_weight += weight
+    for k, v in metrics.items():
+      totals[k] = totals.get(k, 0.0) + float(v) * weight
+  if total_weight == 0:
+    raise ValueError("evaluation saw no examples: the eval split is empty or every example was filtered")
+  return {k: v / total_weight for k, v in totals.items()}
+
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+  """[batch, seq] mask -> positions counting real tokens from 0 (pads clipped to 0)."""
+  return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)

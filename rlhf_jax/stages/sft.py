@@ -1,0 +1,87 @@
+"""Supervised fine-tuning: next-token cross-entropy on response tokens only.
+
+Pretraining (stages/pretrain.py) is the same stage on plain text, with every
+token a target.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from rlhf_jax import tokenizers
+from rlhf_jax.data import collate
+from rlhf_jax.data import pipeline
+from rlhf_jax.data import sources
+from rlhf_jax.data import tfds_builders
+from rlhf_jax.objectives import sft as sft_objective
+from rlhf_jax.stages import common
+from rlhf_jax.train import loop
+from rlhf_jax.train import state as state_lib
+from rlhf_jax.train import step as step_lib
+
+DATA_KIND = "demonstration"
+
+
+def make_lm_data(config: ml_collections.ConfigDict, workdir: str, kind: str) -> loop.Data:
+  """Train iterator and eval batches of LM examples ({tokens, mask, loss_mask})."""
+  prepare = {"demonstration": sources.demonstrations, "text": sources.texts}[kind]
+  dataset_dir, stats = prepare(config.data, common.data_dir(config, workdir))
+  splits = tfds_builders.load(dataset_dir, kind=kind)
+  tokenizer = tokenizers.make_tokenizer(config.tokenizer)
+  transform = collate.make_transform(kind, tokenizer, seq_len=config.data.seq_len)
+  train = pipeline.make_train_iterator(splits["train"], transform, config.data.batch_size,
+                                       config.seed, jax.process_index(), jax.process_count())
+  eval_batches = functools.cache(lambda: pipeline.make_eval_batches(
+      splits["test"], transform, config.data.eval_batch_size, config.train.eval_batches,
+      shard_index=jax.process_index(), shard_count=jax.process_count())[0])
+  return loop.Data(train=train, eval=eval_batches, stats=stats)
+
+
+def make_data(config, workdir):
+  return make_lm_data(config, workdir, DATA_KIND)
+
+
+def init(config, rng, mesh):
+  return common.init_state(config, common.make_model(config), rng, mesh)
+
+
+def logits_fn(model, params, batch):
+  """[batch, seq, vocab] logits of a right-padded LM batch."""
+  positions = common.positions_from_mask(batch["mask"])
+  outputs, _ = model.apply({"params": params}, batch["tokens"], positions, batch["mask"])
+  return outputs["logits"]
+
+
+def make_step(config):
+  model = common.make_model(config)
+
+  def loss_fn(params, extras, batch, rng):
+    del extras, rng
+    return sft_objective.sft_loss(logits_fn(model, params, batch), batch["tokens"],
+                                  batch["loss_mask"])
+
+  tx = state_lib.make_optimizer(config.optimizer, config.train.num_steps)
+  schedule = state_lib.learning_rate_schedule(config.optimizer, config.train.num_steps)
+  return step_lib.make_train_step(loss_fn, tx, schedule, config.optimizer.grad_accum_steps)
+
+
+@functools.cache
+def _eval_step(model):
+  @jax.jit
+  def eval_step(state, batch):
+    weights = batch["loss_mask"][:, 1:] * batch["valid"][:, None]
+    nll = -sft_objective.token_logprobs(logits_fn(model, state.params, batch), batch["tokens"])
+    total = jnp.sum(weights)
+    return {"loss": jnp.sum(nll * weights) / jnp.maximum(total, 1), "weight": total}
+  return eval_step
+
+
+def evaluate(config, state, data, mesh, rng):
+  """Token-level eval loss and perplexity over the held-out split."""
+  del rng
+  metrics = common.average_over_batches(_eval_step(common.make_model(config)), state,
+                                        data.eval(), mesh)
+  metrics["perplexity"] = float(jnp.exp(metrics["loss"]))
+  return metrics
