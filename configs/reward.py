@@ -1,0 +1,25 @@
+"""Reward model: Bradley-Terry on preference pairs (default: the real HH-RLHF sample)."""
+
+import ml_collections
+
+from configs import base
+
+
+def get_config():
+  c = base.get_config()
+  c.stage = "reward"
+  c.data.source = "hh"
+  c.data.train_file = "../shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
+  c.data.on_error = "skip"          # HH has a few malformed pairs; they are counted
+  c.data.seq_len = 256
+  c.data.batch_size = 16
+  c.train.num_steps = 300
+  c.train.eval_every = 100
+  c.train.eval_batches = 0          # 0: the whole held-out split
+  c.optimizer.learning_rate = 3e-4
+  c.reward = ml_collections.ConfigDict()
+  c.reward.use_margin = False       # subtract each pair's `margin` inside the sigmoid (Llama 2)
+  c.reward.label_smoothing = 0.0    # eps: -(1-eps) log s(d) - eps log s(-d)
+  c.reward.center_coef = 0.0        # lambda * (r_c + r_r)^2 keeps rewards centred at 0
+  c.reward.clear_gold_gap = 0.1     # testbed: pairs whose gold scores differ by more than this
+  return c

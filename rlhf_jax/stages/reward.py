@@ -1,0 +1,160 @@
+"""Reward modelling: a scalar head on the transformer, Bradley-Terry loss on preference pairs.
+
+The reward of a sequence is the scalar head's output at its last real token.
+Chosen and rejected sequences go through the model in one batched forward pass.
+`score(model, params, tokens, mask) -> [batch]` is the trained reward model as a
+plain function, for PPO and evaluation.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from rlhf_jax import tokenizers
+from rlhf_jax.data import collate
+from rlhf_jax.data import pipeline
+from rlhf_jax.data import sources
+from rlhf_jax.data import tfds_builders
+from rlhf_jax.objectives import bradley_terry
+from rlhf_jax.stages import common
+from rlhf_jax.train import loop
+from rlhf_jax.train import sharding as sharding_lib
+from rlhf_jax.train import state as state_lib
+from rlhf_jax.train import step as step_lib
+
+HEADS = ("scalar",)
+
+
+def last_token_index(mask: jax.Array) -> jax.Array:
+  """[batch, seq] mask -> [batch] index of the last real token, for either padding side."""
+  seq = mask.shape[-1]
+  return seq - 1 - jnp.argmax(mask[:, ::-1] != 0, axis=-1)
+
+
+def score(model, params, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+  """Rewards [batch] float32 of sequences tokens/mask [batch, seq] (left- or right-padded)."""
+  positions = common.positions_from_mask(mask)
+  outputs, _ = model.apply({"params": params}, tokens, positions, mask)
+  index = last_token_index(mask)
+  return jnp.take_along_axis(outputs["scalar"], index[:, None], axis=-1)[:, 0]
+
+
+def pair_rewards(model, params, batch: dict) -> tuple[jax.Array, jax.Array]:
+  """(r_chosen, r_rejected) [batch] from one forward pass over the stacked pairs."""
+  tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])
+  mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
+  rewards = score(model, params, tokens, mask)
+  n = batch["chosen_tokens"].shape[0]
+  return rewards[:n], rewards[n:]
+
+
+def preference_transform(tokenizer, seq_len: int):
+  """Record -> preference example, carrying gold scores when the dataset has them."""
+  base = collate.make_transform("preference", tokenizer, seq_len=seq_len)
+
+  def transform(record):
+    example = base(record)
+    if example is not None and "chosen_score" in record:
+      example["chosen_score"] = np.asarray(record["chosen_score"], np.float32)
+      example["rejected_score"] = np.asarray(record["rejected_score"], np.float32)
+    return example
+  return transform
+
+
+def make_preference_data(config: ml_collections.ConfigDict, workdir: str) -> loop.Data:
+  """Preference pairs for the reward and DPO stages; pairs that do not fit are counted."""
+  dataset_dir, stats = sources.preferences(config.data, common.data_dir(config, workdir))
+  splits = tfds_builders.load(dataset_dir, kind="preference")
+  tokenizer = tokenizers.make_tokenizer(config.tokenizer)
+  transform = preference_transform(tokenizer, config.data.seq_len)
+  train = pipeline.make_train_iterator(splits["train"], transform, config.data.batch_size,
+                                       config.seed, jax.process_index(), jax.process_count())
+
+  @functools.cache
+  def eval_batches():
+    batches, eval_stats = pipeline.make_eval_batches(
+        splits["test"], transform, config.data.eval_batch_size, config.train.eval_batches or None,
+        shard_index=jax.process_index(), shard_count=jax.process_count())
+    stats.update({f"eval_{k}": v for k, v in eval_stats.items()})
+    return batches
+
+  # Pairs that do not fit seq_len are counted over the whole train split up front.
+  stats = dict(stats, train_pairs=len(splits["train"]),
+               train_pairs_too_long=sum(transform(splits["train"][i]) is None
+                                        for i in range(len(splits["train"]))))
+  return loop.Data(train=train, eval=eval_batches, stats=stats)
+
+
+def make_data(config, workdir):
+  return make_preference_data(config, workdir)
+
+
+def init(config, rng, mesh):
+  return common.init_state(config, common.make_model(config, HEADS), rng, mesh)
+
+
+def loss_terms(config, model, params, batch):
+  r_chosen, r_rejected = pair_rewards(model, params, batch)
+  rc = config.reward
+  return bradley_terry.bradley_terry_loss(
+      r_chosen, r_rejected, margin=batch["margin"] if rc.use_margin else None,
+      label_smoothing=rc.label_smoothing, center_coef=rc.center_coef), (r_chosen, r_rejected)
+
+
+def make_step(config):
+  model = common.make_model(config, HEADS)
+
+  def loss_fn(params, extras, batch, rng):
+    del extras, rng
+    (loss, metrics), _ = loss_terms(config, model, params, batch)
+    return loss, metrics
+
+  tx = state_lib.make_optimizer(config.optimizer, config.train.num_steps)
+  schedule = state_lib.learning_rate_schedule(config.optimizer, config.train.num_steps)
+  return step_lib.make_train_step(loss_fn, tx, schedule, config.optimizer.grad_accum_steps)
+
+
+@functools.cache
+def _pair_rewards_fn(model):
+  return jax.jit(lambda params, batch: pair_rewards(model, params, batch))
+
+
+def evaluate(config, state, data, mesh, rng):
+  """Held-out loss, accuracy, rewards and margin; gold agreement on testbed pairs.
+
+  Rewards of every held-out pair are gathered, and the metrics computed over all
+  of them at once on the host.
+  """
+  del rng
+  fn = _pair_rewards_fn(common.make_model(config, HEADS))
+  columns = {"r_chosen": [], "r_rejected": [], "valid": [], "margin": [], "gold": []}
+  for batch in data.eval():
+    r_chosen, r_rejected = jax.device_get(fn(state.params, sharding_lib.put_batch(batch, mesh)))
+    columns["r_chosen"].append(r_chosen)
+    columns["r_rejected"].append(r_rejected)
+    columns["valid"].append(batch["valid"])
+    columns["margin"].append(batch["margin"])
+    if "chosen_score" in batch:
+      columns["gold"].append(batch["chosen_score"] - batch["rejected_score"])
+  valid = np.concatenate(columns["valid"]) == 1
+  if not valid.any():
+    raise ValueError("reward evaluation: the eval split has no pair that fits config.data.seq_len")
+  take = lambda k: np.concatenate(columns[k])[valid].astype(np.float64)
+  r_chosen, r_rejected, margin = take("r_chosen"), take("r_rejected"), take("margin")
+  diff = r_chosen - r_rejected
+  loss_diff = diff - margin if config.reward.use_margin else diff
+  metrics = {"loss": float(np.mean(np.logaddexp(0.0, -loss_diff))),
+             "accuracy": float(np.mean(diff > 0)), "reward_chosen": float(np.mean(r_chosen)),
+             "reward_rejected": float(np.mean(r_rejected)), "margin": float(np.mean(diff)),
+             "num_pairs": int(valid.sum())}
+  if columns["gold"]:
+    gold = take("gold")
+    agree = diff * gold > 0
+    clear = np.abs(gold) > config.reward.clear_gold_gap
+    metrics.update(gold_agreement=float(np.mean(agree)),
+                   gold_agreement_clear=float(np.mean(agree[clear])) if clear.any() else float("nan"),
+                   clear_pair_fraction=float(np.mean(clear)))
+  return metrics
