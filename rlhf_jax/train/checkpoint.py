@@ -58,6 +58,12 @@ def checkpoint_dir(path: str) -> tuple[str, int]:
                           "checkpoints/ folder or a step folder)")
 
 
+def _reader(directory: str) -> ocp.CheckpointManager:
+  """A read-only manager that can read parts of the state item."""
+  return ocp.CheckpointManager(directory, item_names=("state",),
+                               item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+
+
 def load_params(path: str, like_params: Any) -> Any:
   """Loads the trained params of another run's checkpoint onto `like_params`' shardings.
 
@@ -66,7 +72,7 @@ def load_params(path: str, like_params: Any) -> Any:
   differs is an error that names it.
   """
   directory, step = checkpoint_dir(path)
-  with ocp.CheckpointManager(directory, item_names=("state", "data")) as mngr:
+  with _reader(directory) as mngr:
     saved = mngr.item_metadata(step)["state"]["params"]
   flat_like = traverse_util.flatten_dict(like_params, sep="/")
   target = {}
@@ -83,7 +89,7 @@ def load_params(path: str, like_params: Any) -> Any:
   item = {"params": traverse_util.unflatten_dict(target, sep="/")}
   restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype), item)
   args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-  with ocp.CheckpointManager(directory, item_names=("state",)) as mngr:
+  with _reader(directory) as mngr:
     loaded = mngr.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
   flat_like.update(traverse_util.flatten_dict(loaded, sep="/"))
   return traverse_util.unflatten_dict(flat_like, sep="/")

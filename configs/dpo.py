@@ -1,0 +1,33 @@
+"""DPO and its family on preference pairs; the loss and beta are config values.
+
+  python -m experiments.train --config=configs/dpo.py --workdir=/tmp/dpo \
+      --config.init.checkpoint=/tmp/sft --config.dpo.loss=ipo --config.dpo.beta=0.5
+"""
+
+import ml_collections
+
+from configs import base
+
+
+def get_config():
+  c = base.get_config()
+  c.stage = "dpo"
+  c.data.source = "hh"
+  c.data.train_file = "../shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
+  c.data.on_error = "skip"
+  c.data.seq_len = 256
+  c.data.batch_size = 16
+  c.train.num_steps = 200
+  c.train.eval_every = 100
+  c.train.eval_batches = 0           # 0: the whole held-out split
+  c.optimizer.learning_rate = 1e-4
+  c.optimizer.warmup_steps = 10
+  c.dpo = ml_collections.ConfigDict()
+  c.dpo.loss = "sigmoid"             # sigmoid (DPO), robust, ipo, hinge, simpo, orpo, kto
+  c.dpo.beta = 0.1                   # inverse temperature of the implicit reward (IPO: tau; SimPO: beta)
+  c.dpo.label_smoothing = 0.0        # cDPO / robust DPO: assumed label-flip rate
+  c.dpo.gamma = 0.5                  # SimPO target reward margin
+  c.dpo.lam = 0.1                    # ORPO weight of the odds-ratio term
+  c.dpo.desirable_weight = 1.0       # KTO lambda_D
+  c.dpo.undesirable_weight = 1.0     # KTO lambda_U
+  return c

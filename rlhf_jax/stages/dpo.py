@@ -1,0 +1,121 @@
+"""Direct preference optimisation and its family: no reward model, no rollouts.
+
+The policy and the frozen reference each score the stacked chosen and rejected
+sequences in one forward pass; `config.dpo.loss` picks the loss of
+`rlhf_jax.objectives.preference` (sigmoid = DPO, robust, ipo, hinge, simpo, orpo)
+or 'kto' on the pairs taken apart (chosen desirable, rejected undesirable).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.objectives import preference
+from rlhf_jax.objectives import sft as sft_objective
+from rlhf_jax.stages import common
+from rlhf_jax.stages import reward as reward_stage
+from rlhf_jax.train import sharding as sharding_lib
+from rlhf_jax.train import state as state_lib
+from rlhf_jax.train import step as step_lib
+
+LOSSES = preference.KINDS + ("kto",)
+# config.dpo fields each loss takes, as keyword hyper-parameters.
+HPARAMS = {"sigmoid": ("beta", "label_smoothing"), "robust": ("beta", "label_smoothing"),
+           "ipo": ("beta",), "hinge": ("beta",), "simpo": ("beta", "gamma"), "orpo": ("lam",),
+           "kto": ("beta", "desirable_weight", "undesirable_weight")}
+
+
+def make_data(config, workdir):
+  return reward_stage.make_preference_data(config, workdir)
+
+
+def init(config, rng, mesh):
+  if config.dpo.loss not in LOSSES:
+    raise ValueError(f"config.dpo.loss: unknown loss {config.dpo.loss!r}; expected one of {LOSSES}")
+  return common.init_state(config, common.make_model(config), rng, mesh,
+                           extras_fn=lambda params: {"reference": params})
+
+
+def sequence_logps(model, params, batch):
+  """Summed response log-probs and response lengths, chosen and rejected: 4 x [batch]."""
+  tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])
+  mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
+  loss_mask = jnp.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
+  outputs, _ = model.apply({"params": params}, tokens, common.positions_from_mask(mask), mask)
+  logps = sft_objective.sequence_logprobs(outputs["logits"], tokens, loss_mask)
+  lengths = jnp.sum(loss_mask[:, 1:], axis=-1).astype(jnp.float32)
+  n = batch["chosen_tokens"].shape[0]
+  return logps[:n], logps[n:], lengths[:n], lengths[n:]
+
+
+def dpo_loss_and_metrics(dc, model, params, reference, batch):
+  """The configured loss of the preference family on one batch of pairs."""
+  pc, pr, lc, lr = sequence_logps(model, params, batch)
+  rc, rr, _, _ = jax.lax.stop_gradient(sequence_logps(model, reference, batch))
+  hparams = {k: dc[k] for k in HPARAMS[dc.loss]}
+  if dc.loss == "kto":
+    policy = jnp.concatenate([pc, pr])
+    ref = jnp.concatenate([rc, rr])
+    desirable = jnp.arange(policy.shape[0]) < pc.shape[0]
+    # z0 (KTO sec. 4.1) from the batch's own log-ratios: the pairs are not re-matched
+    # with other prompts, a cheaper (and more conservative) estimate than the paper's.
+    z0 = preference.kto_reference_point(policy, ref)
+    loss = jnp.mean(preference.kto_loss(policy, ref, desirable, z0, **hparams))
+    reward_c, reward_r = dc.beta * (pc - rc), dc.beta * (pr - rr)
+    metrics = {"loss": loss, "kto/z0": z0, "rewards/chosen": jnp.mean(reward_c),
+               "rewards/rejected": jnp.mean(reward_r), "rewards/margin": jnp.mean(reward_c - reward_r),
+               "rewards/accuracy": jnp.mean((reward_c > reward_r).astype(jnp.float32)),
+               "logps/chosen": jnp.mean(pc), "logps/rejected": jnp.mean(pr)}
+    return loss, metrics
+  return preference.preference_loss(dc.loss, pc, pr, rc, rr, chosen_lengths=lc,
+                                    rejected_lengths=lr, **hparams)
+
+
+def make_step(config):
+  model = common.make_model(config)
+
+  def loss_fn(params, extras, batch, rng):
+    del rng
+    return dpo_loss_and_metrics(config.dpo, model, params, extras["reference"], batch)
+
+  tx = state_lib.make_optimizer(config.optimizer, config.train.num_steps)
+  schedule = state_lib.learning_rate_schedule(config.optimizer, config.train.num_steps)
+  return step_lib.make_train_step(loss_fn, tx, schedule, config.optimizer.grad_accum_steps)
+
+
+@functools.cache
+def _logps_fn(model):
+  @jax.jit
+  def fn(params, reference, batch):
+    return sequence_logps(model, params, batch)[:2], sequence_logps(model, reference, batch)[:2]
+  return fn
+
+
+def evaluate(config, state, data, mesh, rng):
+  """Held-out preference metrics: implicit rewards beta * log(pi / pi_ref), margin, accuracy."""
+  del rng
+  fn = _logps_fn(common.make_model(config))
+  rows = {"pc": [], "pr": [], "rc": [], "rr": [], "valid": [], "gold": []}
+  for batch in data.eval():
+    (pc, pr), (rc, rr) = jax.device_get(
+        fn(state.params, state.extras["reference"], sharding_lib.put_batch(batch, mesh)))
+    for k, v in zip(("pc", "pr", "rc", "rr", "valid"), (pc, pr, rc, rr, batch["valid"])):
+      rows[k].append(v)
+    if "chosen_score" in batch:
+      rows["gold"].append(batch["chosen_score"] - batch["rejected_score"])
+  valid = np.concatenate(rows["valid"]) == 1
+  take = lambda k: np.concatenate(rows[k])[valid].astype(np.float64)
+  pc, pr, rc, rr = take("pc"), take("pr"), take("rc"), take("rr")
+  beta = config.dpo.beta
+  reward_c, reward_r = beta * (pc - rc), beta * (pr - rr)
+  metrics = {"rewards/chosen": float(reward_c.mean()), "rewards/rejected": float(reward_r.mean()),
+             "rewards/margin": float((reward_c - reward_r).mean()),
+             "rewards/accuracy": float(np.mean(reward_c > reward_r)),
+             "logps/chosen": float(pc.mean()), "logps/rejected": float(pr.mean()),
+             "dpo_loss": float(np.mean(np.logaddexp(0.0, -(reward_c - reward_r)))),
+             "num_pairs": int(valid.sum())}
+  if rows["gold"]:
+    metrics["gold_agreement"] = float(np.mean((reward_c - reward_r) * take("gold") > 0))
+  return metrics
