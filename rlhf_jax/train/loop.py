@@ -9,10 +9,8 @@ The loop shards each batch, calls the jitted step, logs, evaluates, checkpoints,
 and stops on a non-finite loss or SIGTERM.
 """
 
-import contextlib
 import dataclasses
 import math
-import signal
 import time
 from typing import Any, Callable, Iterator
 
@@ -21,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from rlhf_jax.train import checkpoint as checkpoint_lib
+from rlhf_jax.train import distributed
 from rlhf_jax.train import metrics as metrics_lib
 from rlhf_jax.train import sharding as sharding_lib
 
@@ -35,22 +34,6 @@ class Data:
 
 class NonFiniteLossError(FloatingPointError):
   pass
-
-
-@contextlib.contextmanager
-def _preemption_flag():
-  """Yields a list that becomes [signum] when SIGTERM arrives; restores the old handler."""
-  received: list[int] = []
-  previous = signal.getsignal(signal.SIGTERM)
-  try:
-    signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
-  except ValueError:  # not the main thread: pre-emption is the caller's business
-    previous = None
-  try:
-    yield received
-  finally:
-    if previous is not None:
-      signal.signal(signal.SIGTERM, previous)
 
 
 def _check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
@@ -73,15 +56,19 @@ def count_tokens(batch: dict) -> int:
                  if (k == "mask" or k.endswith("_mask")) and "loss" not in k))
 
 
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(init, step, eval) keys of a run: everything random in a run derives from its seed."""
+  return tuple(jax.random.split(jax.random.key(seed), 3))
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, stage) -> dict:
   """Runs (or resumes) `stage` for config.train.num_steps; returns the last eval metrics."""
   mesh = sharding_lib.make_mesh(config.mesh)
-  root_rng = jax.random.key(config.seed)
-  init_rng, step_rng, eval_rng = jax.random.split(root_rng, 3)
+  init_rng, step_rng, eval_rng = run_keys(config.seed)
   tc = config.train
 
   with jax.set_mesh(mesh):
-    data = stage.make_data(config, workdir)
+    data = distributed.process_zero_first(lambda: stage.make_data(config, workdir), "make_data")
     state = stage.init(config, init_rng, mesh)
     mngr = checkpoint_lib.manager(workdir, tc.keep_checkpoints)
     start = 0
@@ -118,13 +105,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage) -> dict:
     pending: list[tuple[int, dict]] = []
     eval_metrics: dict = {}
     tokens_seen, last_time = 0, time.perf_counter()
-    with _preemption_flag() as preempted:
+    with distributed.preemption_watch() as reached_preemption:
       for step in range(start + 1, tc.num_steps + 1):
         host_batch = next(data.train)
         tokens_seen += count_tokens(host_batch)
         batch = sharding_lib.put_batch(host_batch, mesh)
         state, metrics = step_fn(state, batch, jax.random.fold_in(step_rng, step))
         pending.append((step, metrics))
+        preempted = reached_preemption(step)
 
         is_last = step == tc.num_steps
         checkpoint_now = is_last or preempted or (tc.checkpoint_every and step % tc.checkpoint_every == 0)
@@ -134,6 +122,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage) -> dict:
           now = time.perf_counter()
           for s, m in fetched:
             writer.write(s, m)
+          tokens_seen = distributed.global_sum(tokens_seen)    # each process counted its shard
           last = dict(fetched[-1][1], tokens_per_second=tokens_seen / (now - last_time))
           tokens_seen, last_time = 0, now
           metrics_lib.log_console(progress.line(step, last))
