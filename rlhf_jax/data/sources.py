@@ -12,6 +12,7 @@ settings and file contents it is made from, so a changed file or setting prepare
 a new dataset and an unchanged one is reused.
 """
 
+import fcntl
 import hashlib
 import json
 import os
@@ -81,14 +82,18 @@ def _prepare(kind: str, dc: ml_collections.ConfigDict, data_dir: str,
              with_scores: bool = False) -> tuple[str, dict]:
   name = f"{dc.source}-{_digest(kind, settings, dc.train_file, dc.eval_file)}"
   dataset_dir = os.path.join(data_dir, kind, name, "1.0.0")
-  if os.path.exists(os.path.join(dataset_dir, "dataset_info.json")):
-    return dataset_dir, tfds_builders.read_metadata(dataset_dir).get("stats", {})
-  splits, stats = make_splits()
-  tfds.disable_progress_bar()
-  dataset_dir = tfds_builders.prepare(
-      kind, name, {s: (lambda rows=rows: rows) for s, rows in splits.items()}, data_dir,
-      metadata={"source": dc.source, "settings": settings, "stats": stats},
-      with_scores=with_scores)
+  os.makedirs(os.path.dirname(dataset_dir), exist_ok=True)
+  # Runs of a sweep share data_dir: one prepares, the others wait and reuse.
+  with open(dataset_dir + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if os.path.exists(os.path.join(dataset_dir, "dataset_info.json")):
+      return dataset_dir, tfds_builders.read_metadata(dataset_dir).get("stats", {})
+    splits, stats = make_splits()
+    tfds.disable_progress_bar()
+    dataset_dir = tfds_builders.prepare(
+        kind, name, {s: (lambda rows=rows: rows) for s, rows in splits.items()}, data_dir,
+        metadata={"source": dc.source, "settings": settings, "stats": stats},
+        with_scores=with_scores)
   return dataset_dir, stats
 
 
