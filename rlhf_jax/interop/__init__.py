@@ -1,0 +1,1 @@
+"""Hugging Face interop: `hf` (import / export), `hf_config`, `hf_weights`."""
