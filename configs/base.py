@@ -68,6 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.corpus_seed = 0      # testbed corpus: the same seed gives the same corpus byte for byte
   c.data.corpus_train = 100_000
   c.data.corpus_test = 5_000
+  c.data.max_train_records = 0   # train on the first N records of the train split (0: all)
   c.data.prompt_len = 32      # left-padded prompt length for sampling stages
 
   c.optimizer = ml_collections.ConfigDict()
@@ -108,4 +109,13 @@ def get_config() -> ml_collections.ConfigDict:
       ("head_dim", None),
       ("layers", None),
   )
+
+  # Sampling from a policy: evaluation, preference labelling, PPO rollouts.
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.max_new_tokens = 48     # response tokens after the prompt
+  c.sampling.temperature = 1.0       # logits / temperature (1: the policy itself, as the KL needs)
+  c.sampling.top_k = 0               # 0: no top-k filtering
+  c.sampling.top_p = 1.0             # 1: no nucleus filtering
+  c.sampling.eval_prompts = 256      # held-out prompts per policy evaluation
+  c.sampling.eval_batch_size = 64    # prompts per sampling call
   return c

@@ -164,3 +164,23 @@ def make_eval_batches(source: Sequence, transform: Transform, batch_size: int,
   n_real = sum(valid[:full * batch_size])
   return batches, {"records_read": read, "dropped": dropped, "examples": n_real,
                    "padded": padded, "batches": full}
+
+
+class Head(Sequence):
+  """The first `n` records of a random-access source (n <= 0: all of them)."""
+
+  def __init__(self, source: Sequence, n: int):
+    if n > len(source):
+      raise ValueError(f"asked for the first {n} records of {source!r}, which has {len(source)}")
+    self.source, self.n = source, (n if n > 0 else len(source))
+
+  def __len__(self) -> int:
+    return self.n
+
+  def __getitem__(self, index: int):
+    if not 0 <= index < self.n:
+      raise IndexError(index)
+    return self.source[index]
+
+  def __repr__(self) -> str:
+    return f"Head({self.source!r}, {self.n})"

@@ -117,7 +117,15 @@ def texts(dc: ml_collections.ConfigDict, data_dir: str) -> tuple[str, dict]:
 
 
 def demonstrations(dc: ml_collections.ConfigDict, data_dir: str) -> tuple[str, dict]:
-  """(prompt, response) pairs: testbed review continuations, or JSONL / Alpaca files."""
+  """(prompt, response) pairs: testbed review continuations, JSONL / Alpaca files, or a
+  prepared dataset; a preference dataset gives its chosen responses ("preferred-FT")."""
+  if dc.source == "dataset" and _kind_of(dc) == "preference":
+    def make():
+      splits = tfds_builders.load(dc.dataset_dir, kind="preference")
+      return {s: [{"prompt": r["prompt"], "response": r["chosen"]}
+                  for r in src.__getitems__(range(len(src)))] for s, src in splits.items()}, {}
+    return _prepare("demonstration", dc, data_dir, make,
+                    {"chosen_of": os.path.abspath(dc.dataset_dir)})
   if dc.source == "dataset":
     return _existing(dc, "demonstration")
   if dc.source == "testbed":
@@ -155,10 +163,14 @@ def prompts(dc: ml_collections.ConfigDict, data_dir: str) -> tuple[str, dict]:
   return _prepare("prompt", dc, data_dir, make, _testbed_settings(dc))
 
 
-def _existing(dc: ml_collections.ConfigDict, kind: str) -> tuple[str, dict]:
+def _kind_of(dc: ml_collections.ConfigDict) -> str:
   if not dc.dataset_dir:
     raise ValueError("config.data.dataset_dir must name a prepared dataset for source 'dataset'")
-  meta = tfds_builders.read_metadata(dc.dataset_dir)
+  return tfds_builders.read_metadata(dc.dataset_dir).get("kind")
+
+
+def _existing(dc: ml_collections.ConfigDict, kind: str) -> tuple[str, dict]:
+  meta = tfds_builders.read_metadata(dc.dataset_dir) if _kind_of(dc) else {}
   if meta.get("kind") != kind:
     raise ValueError(f"config.data.dataset_dir={dc.dataset_dir!r} holds a {meta.get('kind')!r} "
                      f"dataset, this stage needs {kind!r}")

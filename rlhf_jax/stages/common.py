@@ -6,7 +6,6 @@ from typing import Any, Callable, Iterable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from rlhf_jax.model import transformer
 from rlhf_jax.train import checkpoint as checkpoint_lib

@@ -99,8 +99,10 @@ def evaluate(config, state, data, mesh, rng):
   fn = _logps_fn(common.make_model(config))
   rows = {"pc": [], "pr": [], "rc": [], "rr": [], "valid": [], "gold": []}
   for batch in data.eval():
-    (pc, pr), (rc, rr) = jax.device_get(
-        fn(state.params, state.extras["reference"], sharding_lib.put_batch(batch, mesh)))
+    batch = sharding_lib.put_batch(batch, mesh)   # multi-host: gather outputs and columns alike
+    columns = {k: batch[k] for k in ("valid", "chosen_score", "rejected_score") if k in batch}
+    ((pc, pr), (rc, rr)), batch = sharding_lib.to_host(
+        (fn(state.params, state.extras["reference"], batch), columns))
     for k, v in zip(("pc", "pr", "rc", "rr", "valid"), (pc, pr, rc, rr, batch["valid"])):
       rows[k].append(v)
     if "chosen_score" in batch:

@@ -68,6 +68,7 @@ def make_preference_data(config: ml_collections.ConfigDict, workdir: str) -> loo
   """Preference pairs for the reward and DPO stages; pairs that do not fit are counted."""
   dataset_dir, stats = sources.preferences(config.data, common.data_dir(config, workdir))
   splits = tfds_builders.load(dataset_dir, kind="preference")
+  splits["train"] = pipeline.Head(splits["train"], config.data.max_train_records)
   tokenizer = tokenizers.make_tokenizer(config.tokenizer)
   transform = preference_transform(tokenizer, config.data.seq_len)
   train = pipeline.make_train_iterator(splits["train"], transform, config.data.batch_size,
@@ -132,7 +133,10 @@ def evaluate(config, state, data, mesh, rng):
   fn = _pair_rewards_fn(common.make_model(config, HEADS))
   columns = {"r_chosen": [], "r_rejected": [], "valid": [], "margin": [], "gold": []}
   for batch in data.eval():
-    r_chosen, r_rejected = jax.device_get(fn(state.params, sharding_lib.put_batch(batch, mesh)))
+    batch = sharding_lib.put_batch(batch, mesh)   # multi-host: gather outputs and columns alike
+    columns_in = {k: batch[k] for k in ("valid", "margin", "chosen_score", "rejected_score")
+                  if k in batch}
+    (r_chosen, r_rejected), batch = sharding_lib.to_host((fn(state.params, batch), columns_in))
     columns["r_chosen"].append(r_chosen)
     columns["r_rejected"].append(r_rejected)
     columns["valid"].append(batch["valid"])

@@ -11,6 +11,7 @@ import jax
 from flax import traverse_util
 import orbax.checkpoint as ocp
 
+from rlhf_jax.train import distributed
 from rlhf_jax.train import sharding as sharding_lib
 
 
@@ -22,7 +23,13 @@ def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: Any) -> None:
-  """Saves the state pytree and the (JSON-serialisable) data iterator state."""
+  """Saves the state pytree and the (JSON-serialisable) data iterator state.
+
+  Collective: every process calls it. Each process reads its own data shard, so
+  multi-process the data item holds every process's iterator state.
+  """
+  if jax.process_count() > 1:
+    data_state = {"process_states": distributed.allgather_json(data_state)}
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           data=ocp.args.JsonSave(data_state)), force=True)
   mngr.wait_until_finished()
@@ -32,12 +39,23 @@ def restore(mngr: ocp.CheckpointManager, step: int, like_state: Any):
   """Restores (state, data_state) at `step` onto the shardings of `like_state`.
 
   The target shardings come from `like_state`, so a checkpoint written on one
-  mesh restores onto another.
+  mesh restores onto another (any device count; the data state needs the same
+  number of processes).
   """
   target = sharding_lib.abstract_with_shardings(like_state)
   out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                    data=ocp.args.JsonRestore()))
-  return out["state"], out["data"]
+  data_state = out["data"]
+  if isinstance(data_state, dict) and "process_states" in data_state:
+    states = data_state["process_states"]
+    if len(states) != jax.process_count():
+      raise ValueError(f"checkpoint step {step} in {mngr.directory}: its data iterator states "
+                       f"are of {len(states)} processes, this run has {jax.process_count()}")
+    data_state = states[jax.process_index()]
+  elif jax.process_count() > 1:
+    raise ValueError(f"checkpoint step {step} in {mngr.directory}: written by one process, "
+                     f"this run has {jax.process_count()}; each needs its own data state")
+  return out["state"], data_state
 
 
 def checkpoint_dir(path: str) -> tuple[str, int]:
@@ -69,11 +87,15 @@ def load_params(path: str, like_params: Any) -> Any:
 
   Leaves that the checkpoint has replace those of `like_params`; leaves it lacks
   (a new scalar head, say) keep their fresh initialisation. A leaf whose shape
-  differs is an error that names it.
+  differs is an error that names it. A PPO run's params are `{'policy', 'critic'}`:
+  its policy is what a language model loads from it.
   """
   directory, step = checkpoint_dir(path)
   with _reader(directory) as mngr:
     saved = mngr.item_metadata(step)["state"]["params"]
+  prefix = ""
+  if "policy" in saved and "policy" not in like_params:
+    saved, prefix = saved["policy"], "policy/"
   flat_like = traverse_util.flatten_dict(like_params, sep="/")
   target = {}
   for key, leaf in traverse_util.flatten_dict(saved, sep="/").items():
@@ -86,10 +108,12 @@ def load_params(path: str, like_params: Any) -> Any:
     target[key] = jax.ShapeDtypeStruct(like.shape, like.dtype, sharding=like.sharding)
   if not target:
     raise ValueError(f"checkpoint {path!r} shares no parameter with this model")
-  item = {"params": traverse_util.unflatten_dict(target, sep="/")}
+  item = {"params": traverse_util.unflatten_dict({prefix + k: v for k, v in target.items()}, sep="/")}
   restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype), item)
   args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
   with _reader(directory) as mngr:
     loaded = mngr.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
+  if prefix:
+    loaded = loaded["policy"]
   flat_like.update(traverse_util.flatten_dict(loaded, sep="/"))
   return traverse_util.unflatten_dict(flat_like, sep="/")

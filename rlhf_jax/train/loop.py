@@ -10,7 +10,9 @@ and stops on a non-finite loss or SIGTERM.
 """
 
 import dataclasses
+import json
 import math
+import os
 import time
 from typing import Any, Callable, Iterator
 
@@ -56,6 +58,39 @@ def count_tokens(batch: dict) -> int:
                  if (k == "mask" or k.endswith("_mask")) and "loss" not in k))
 
 
+FINAL_METRICS = "final_metrics.json"
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """The resolved config as workdir/config.json (atomically, process 0): the run's description."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  with open(path + ".tmp", "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(path + ".tmp", path)
+
+
+def write_final_metrics(workdir: str, metrics: dict) -> None:
+  """Marks a finished run: its final eval metrics, written atomically by process 0."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, FINAL_METRICS)
+  with open(path + ".tmp", "w") as f:
+    json.dump(metrics, f, sort_keys=True, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+def read_final_metrics(workdir: str) -> dict | None:
+  """The final metrics of a finished run, or None if it has not finished."""
+  path = os.path.join(workdir, FINAL_METRICS)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
 def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(init, step, eval) keys of a run: everything random in a run derives from its seed."""
   return tuple(jax.random.split(jax.random.key(seed), 3))
@@ -65,6 +100,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage) -> dict:
   """Runs (or resumes) `stage` for config.train.num_steps; returns the last eval metrics."""
   mesh = sharding_lib.make_mesh(config.mesh)
   init_rng, step_rng, eval_rng = run_keys(config.seed)
+  write_config(config, workdir)
   tc = config.train
 
   with jax.set_mesh(mesh):
@@ -138,4 +174,5 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage) -> dict:
         metrics_lib.log_console(f"already trained to step {start}; evaluating only")
       eval_metrics = run_eval(tc.num_steps)
   writer.close()
+  write_final_metrics(workdir, eval_metrics)
   return eval_metrics

@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -61,8 +62,26 @@ def init_sharded(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh
   # constrain DenseGeneral kernels before reshaping them to their logical rank.
   abstract = jax.eval_shape(init_fn, rng)
   shardings = logical_shardings(abstract, mesh, axis_rules)
+  check_divisible(abstract, shardings)
   tree = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(rng)
   return tree, shardings
+
+
+def check_divisible(tree: Any, shardings: Any) -> None:
+  """Raises a ValueError naming the leaf, dimension and mesh axes that do not divide."""
+  names = nn.get_partition_spec(tree)
+  flat = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(tree))[0]
+  for (path, leaf), sharding, logical in zip(flat, jax.tree.leaves(shardings),
+                                             jax.tree.leaves(names, is_leaf=lambda x: isinstance(x, P))):
+    for dim, (size, axes) in enumerate(zip(leaf.shape, sharding.spec)):
+      axes = (axes,) if isinstance(axes, str) else (axes or ())
+      parts = math.prod(sharding.mesh.shape[a] for a in axes)
+      if size % parts:
+        name = logical[dim] if dim < len(logical) else None
+        raise ValueError(
+            f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)}: dimension {dim} (logical axis "
+            f"{name!r}) of size {size} does not split over mesh axes {axes} of size {parts}; "
+            "change config.mesh or config.sharding.rules")
 
 
 def put_batch(batch: dict, mesh: Mesh) -> dict:
@@ -83,3 +102,14 @@ def shardings_of(tree: Any) -> Any:
 def abstract_with_shardings(tree: Any) -> Any:
   """ShapeDtypeStructs that carry each leaf's sharding: a restore target."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def to_host(tree: Any) -> Any:
+  """Global arrays -> NumPy on every process, with the rows other processes hold.
+
+  `jax.device_get` of an array sharded over several processes fails (its shards
+  are not all addressable); this gathers them. Single-process it is device_get.
+  """
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)

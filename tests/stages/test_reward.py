@@ -8,7 +8,6 @@ from configs import reward as reward_config
 from rlhf_jax.stages import common
 from rlhf_jax.stages import reward
 from rlhf_jax.train import loop
-from rlhf_jax.train import sharding as sharding_lib
 from tests.stages.pairs import pair_config
 
 

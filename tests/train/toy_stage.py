@@ -1,7 +1,6 @@
 """A minimal stage (linear regression) that exercises the loop without a transformer."""
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 

@@ -1,0 +1,15 @@
+"""GRPO (Shao et al. 2024): k samples per prompt, group-normalised score, KL in the loss.
+
+A variant of the ppo stage: `config.stage` stays "ppo", `config.ppo.algorithm` is "grpo".
+"""
+
+from configs import ppo
+
+
+def get_config():
+  c = ppo.get_config()
+  c.ppo.algorithm = "grpo"
+  c.ppo.samples_per_prompt = 4  # G: group size
+  c.data.batch_size = 16        # prompts per iteration: 16 x 4 = 64 responses
+  c.ppo.kl_coef = 0.04          # beta of the k3 KL term in the loss (Shao et al. 2024)
+  return c

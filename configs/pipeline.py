@@ -1,0 +1,77 @@
+"""The whole pipeline on the sentiment testbed, one stage config per field.
+
+  python -m experiments.pipeline --workdir=runs/pipeline [--config.quick=True]
+  python -m experiments.pipeline --workdir=runs/p --config.ppo.train.num_steps=200
+
+Every stage config is the stage's own `configs/<stage>.py`, adjusted here; the
+model, tokenizer and corpus fields are shared and copied into each stage.
+"""
+
+import ml_collections
+
+from configs import dpo
+from configs import ppo
+from configs import pretrain
+from configs import reward
+from configs import sft
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.quick = False               # CI-sized run (about 3 minutes): fewer steps, prompts and samples
+  c.seed = 0                    # every stage's seed
+  c.model = pretrain.get_config().model   # one model for every stage: the pretrained one
+  c.data = ml_collections.ConfigDict()
+  c.data.corpus_seed = 0
+  c.data.corpus_train = 100_000
+  c.data.corpus_test = 5_000
+
+  c.pretrain = pretrain.get_config()
+
+  c.sft = sft.get_config()
+  c.sft.train.num_steps = 300
+  c.sft.optimizer.learning_rate = 3e-4
+
+  c.labels = ml_collections.ConfigDict()  # simulated annotators (experiments.label_preferences)
+  c.labels.k = 4                # responses per prompt
+  c.labels.temperature = 0.5    # annotator noise: P(a > b) = sigmoid((gold_a - gold_b) / T)
+  c.labels.flip_rate = 0.0
+  c.labels.num_prompts = 2000   # train prompts (testbed 'train' prefixes)
+  c.labels.num_test_prompts = 200
+
+  c.reward = reward.get_config()
+  c.reward.data.source = "dataset"
+  c.reward.data.train_file = ""
+  c.reward.data.seq_len = 96
+  c.reward.train.num_steps = 400
+
+  c.ppo = ppo.get_config()
+  c.ppo.ppo.reward = "model"
+
+  c.dpo = dpo.get_config()
+  c.dpo.data.source = "dataset"
+  c.dpo.data.train_file = ""
+  c.dpo.data.seq_len = 96
+  c.dpo.train.num_steps = 300
+
+  c.evaluation = ml_collections.ConfigDict()
+  c.evaluation.num_prompts = 256  # held-out prompts per policy
+  c.evaluation.best_of_n = 16     # best-of-n against the learned reward model
+  c.evaluation.num_samples = 2    # sample texts shown per policy
+  return c
+
+
+def make_quick(c: ml_collections.ConfigDict) -> None:
+  """Shrinks every stage for CI: same code paths, a few minutes in all."""
+  c.model.update(embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16,
+                 mlp_dim=192)
+  c.data.update(corpus_train=3000, corpus_test=300)
+  c.pretrain.train.update(num_steps=60, eval_every=0, checkpoint_every=60, eval_batches=2)
+  c.sft.train.update(num_steps=30, eval_every=0, checkpoint_every=30, eval_batches=2)
+  c.labels.update(num_prompts=64, num_test_prompts=32)
+  c.reward.train.update(num_steps=30, eval_every=0, checkpoint_every=30)
+  c.ppo.train.update(num_steps=4, eval_every=0, checkpoint_every=4, eval_batches=1)
+  c.ppo.data.update(batch_size=16, eval_batch_size=16)
+  c.ppo.ppo.update(max_new_tokens=16, epochs=1, num_minibatches=2)
+  c.dpo.train.update(num_steps=30, eval_every=0, checkpoint_every=30)
+  c.evaluation.update(num_prompts=32, best_of_n=4)

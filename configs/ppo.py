@@ -1,0 +1,66 @@
+"""RLHF with PPO on the sentiment testbed (InstructGPT; Huang et al. 2024, "The N+
+implementation details of RLHF with PPO").
+
+  python -m experiments.train --config=configs/ppo.py --workdir=/tmp/ppo \
+      --config.init.checkpoint=/tmp/sft --config.ppo.reward_checkpoint=/tmp/rm
+
+Sized for the testbed on 2 CPU cores: the "small" model (as pretrained by
+configs/pretrain.py), 64 prompts x 1 sample per iteration, 48 new tokens.
+`configs/rloo.py` and `configs/grpo.py` change `ppo.algorithm` and its settings.
+"""
+
+import ml_collections
+
+from configs import base
+
+
+def ppo_config() -> ml_collections.ConfigDict:
+  p = ml_collections.ConfigDict()
+  p.algorithm = "ppo"           # "ppo" (GAE, critic), "rloo" or "grpo" (k samples per prompt, no critic)
+  p.reward = "model"            # "model": the learned RM at reward_checkpoint; "gold": the testbed's VADER
+  p.reward_checkpoint = ""      # reward-stage workdir; its config.json gives the RM's architecture
+  p.critic = "separate"         # "separate": scalar-head model initialised from the RM (InstructGPT;
+                                # from the policy's checkpoint when there is no RM); "shared": a
+                                # value head on the policy's trunk
+  p.samples_per_prompt = 1      # k responses per prompt (RLOO / GRPO need >= 2)
+  p.max_new_tokens = 48         # response length limit (prompt_len + this <= model.max_len)
+  p.temperature = 1.0           # sampling temperature; training log-probs use logits / temperature
+  p.epochs = 4                  # passes over each rollout
+  p.num_minibatches = 4         # optimizer updates per epoch (rollout batch split, shuffled)
+  p.clip_eps = 0.2              # PPO ratio clip epsilon
+  p.value_clip_eps = 0.2        # value clipping around the rollout values
+  p.vf_coef = 0.1               # value loss weight (shared optimizer)
+  p.entropy_coef = 0.0          # entropy bonus weight
+  p.gamma = 1.0                 # discount
+  p.lam = 0.95                  # GAE lambda
+  p.kl_coef = 0.05              # beta: KL penalty coefficient (initial value when adaptive)
+  p.kl_estimator = "k1"         # per-token KL in the reward: "k1" log(pi/pi_ref) or "k3" (r-1) - log r
+  p.adaptive_kl = False         # Ziegler et al. 2019 adaptive controller towards kl_target
+  p.kl_target = 6.0             # target sequence KL (nats) for the adaptive controller
+  p.kl_horizon = 10000          # controller horizon (in responses)
+  p.missing_eos_penalty = 0.0   # subtracted from the score of responses without EOS (0: off)
+  p.whiten_rewards = False      # scale per-token rewards to unit std (mean kept)
+  p.whiten_advantages = True    # normalise advantages over the rollout (PPO, RLOO)
+  p.eval_samples = 4            # sampled texts kept in the eval metrics under 'samples'
+  return p
+
+
+def get_config():
+  c = base.get_config()
+  c.stage = "ppo"
+  c.model = base.model_config("small")  # must match the SFT checkpoint (config.init.checkpoint)
+  c.data.prompt_len = 24        # left-padded prompt tokens (testbed prompts are 2-8 words)
+  c.data.batch_size = 64        # prompts per iteration
+  c.data.eval_batch_size = 64
+  c.train.num_steps = 100       # iterations (rollout + epochs of updates)
+  c.train.log_every = 5
+  c.train.eval_every = 50
+  c.train.eval_batches = 4      # 256 held-out prompts
+  c.train.checkpoint_every = 50
+  c.optimizer.learning_rate = 3e-5
+  c.optimizer.schedule = "constant"
+  c.optimizer.warmup_steps = 0  # counted in optimizer updates (iterations x epochs x minibatches)
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-5        # Huang et al. 2024: Adam epsilon 1e-5
+  c.ppo = ppo_config()
+  return c

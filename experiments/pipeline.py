@@ -1,0 +1,38 @@
+r"""The whole pipeline on the sentiment testbed, one command:
+
+  python -m experiments.pipeline --workdir=runs/pipeline [--config.quick=True]
+
+pretrain -> sft -> labels (simulated annotators) -> reward -> ppo -> dpo -> evaluation,
+each stage in its own subdirectory, chained through checkpoints. Re-running skips
+stages that finished; a stage that was killed resumes from its last checkpoint.
+At the end it prints, and writes as JSON and Markdown, a table: for each policy
+(pretrained, SFT, PPO, DPO, best-of-n against the reward model) the mean gold
+reward, KL to the SFT reference, response length and a sample.
+"""
+
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from configs import pipeline as pipeline_config
+from rlhf_jax.testbed import pipeline
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(pipeline_config.__file__), "pipeline.py"),
+    "The pipeline config.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Root directory; one subdirectory per stage.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  pipeline.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

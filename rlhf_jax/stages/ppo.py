@@ -1,0 +1,334 @@
+"""RLHF with PPO (Ouyang et al. 2022, InstructGPT; Huang et al. 2024, "The N+
+implementation details of RLHF with PPO"), and its critic-free cousins RLOO (Ahmadian
+et al. 2024) and GRPO (Shao et al. 2024), as `config.ppo.algorithm`.
+
+One step is one iteration, a single pure function:
+  1. rollout (stages/rollout.py): sample `samples_per_prompt` responses per prompt with
+     the KV-cache sampler; full forward passes give the policy's and the reference's
+     per-token log-probs (logits / temperature, so the first ratio is exactly 1), the
+     critic's values, and the reward function's sequence score;
+  2. advantages: PPO shapes per-token rewards (-beta KL_t, plus the score at the last
+     token) and runs GAE; RLOO uses the KL-penalised sequence reward minus the
+     leave-one-out mean; GRPO the group-normalised score (its KL is in the loss);
+  3. `epochs` passes over the rollout in `num_minibatches` shuffled minibatches inside
+     `lax.scan`, one optimizer update each (clipped surrogate, clipped value loss,
+     entropy bonus; global-norm clipping is in the optimizer);
+  4. the adaptive KL controller (Ziegler et al. 2019, eq. 2) updates `extras['kl_coef']`.
+
+State: `params = {'policy', ['critic']}` (one optimizer); frozen `extras = {'reference',
+['reward'], 'kl_coef'}`. `state.step` counts optimizer updates (epochs x minibatches per
+iteration), and so does the learning-rate schedule.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from rlhf_jax import tokenizers
+from rlhf_jax.data import collate
+from rlhf_jax.data import pipeline
+from rlhf_jax.data import sources
+from rlhf_jax.data import tfds_builders
+from rlhf_jax.model import sampling
+from rlhf_jax.objectives import policy_gradient as pg
+from rlhf_jax.stages import common
+from rlhf_jax.stages import reward as reward_lib
+from rlhf_jax.stages import rollout as rollout_lib
+from rlhf_jax.testbed import evaluation
+from rlhf_jax.testbed import gold_reward
+from rlhf_jax.train import checkpoint as checkpoint_lib
+from rlhf_jax.train import loop
+from rlhf_jax.train import sharding as sharding_lib
+from rlhf_jax.train import state as state_lib
+from rlhf_jax.train import step as step_lib
+
+
+def num_updates(config: ml_collections.ConfigDict) -> int:
+  """Optimizer updates over the run: iterations x epochs x minibatches."""
+  return config.train.num_steps * config.ppo.epochs * config.ppo.num_minibatches
+
+
+# ------------------------------------------------------------------------ data
+
+def make_data(config: ml_collections.ConfigDict, workdir: str) -> loop.Data:
+  """Left-padded prompt batches {prompt_tokens, prompt_mask} `[batch, prompt_len]`."""
+  dataset_dir, stats = sources.prompts(config.data, common.data_dir(config, workdir))
+  splits = tfds_builders.load(dataset_dir, kind="prompt")
+  tokenizer = tokenizers.make_tokenizer(config.tokenizer)
+  transform = collate.make_transform("prompt", tokenizer, prompt_len=config.data.prompt_len)
+  train = pipeline.make_train_iterator(splits["train"], transform, config.data.batch_size,
+                                       config.seed, jax.process_index(), jax.process_count())
+  eval_batches = functools.cache(lambda: pipeline.make_eval_batches(
+      splits["test"], transform, config.data.eval_batch_size, config.train.eval_batches or None,
+      shard_index=jax.process_index(), shard_count=jax.process_count())[0])
+  return loop.Data(train=train, eval=eval_batches,
+                   stats=dict(stats, train_prompts=len(splits["train"])))
+
+
+# ------------------------------------------------------------------------ init
+
+def _dummy_inputs(length: int = 8):
+  tokens = jnp.zeros((1, length), jnp.int32)
+  return tokens, tokens, jnp.ones((1, length), jnp.int32)
+
+
+def _lm_only(params):
+  return {k: v for k, v in params.items() if k != "scalar_head"}
+
+
+def init(config: ml_collections.ConfigDict, rng: jax.Array, mesh) -> state_lib.TrainState:
+  """Policy from `config.init`, frozen reference = a copy of it, reward model and critic
+  from `config.ppo.reward_checkpoint` (critic: from the policy's checkpoint without one)."""
+  models = rollout_lib.make_models(config)
+  pc = config.ppo
+  tx = state_lib.make_optimizer(config.optimizer, num_updates(config))
+
+  def init_fn(r):
+    r_policy, r_critic, r_reward = jax.random.split(r, 3)
+    params = {"policy": models.policy.init(r_policy, *_dummy_inputs())["params"]}
+    if models.critic is not None:
+      params["critic"] = models.critic.init(r_critic, *_dummy_inputs())["params"]
+    extras = {"kl_coef": jnp.asarray(pc.kl_coef, jnp.float32)}
+    if models.reward is not None:
+      extras["reward"] = models.reward.init(r_reward, *_dummy_inputs())["params"]
+    return state_lib.TrainState.create(params=params, tx=tx, extras=extras)
+
+  state, _ = sharding_lib.init_sharded(init_fn, rng, mesh, sharding_lib.rules(config))
+  params, extras = dict(state.params), dict(state.extras)
+  params["policy"] = common.load_initial_params(config, params["policy"])
+  if models.reward is not None:
+    extras["reward"] = checkpoint_lib.load_params(pc.reward_checkpoint, extras["reward"])
+  if models.critic is not None:
+    params["critic"] = (checkpoint_lib.load_params(pc.reward_checkpoint, params["critic"])
+                        if pc.reward_checkpoint
+                        else common.load_initial_params(config, params["critic"]))
+  # The reference owns its buffers: the policy's are donated to every step.
+  reference = _lm_only(params["policy"])
+  copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t),
+                 out_shardings=sharding_lib.shardings_of(reference))
+  extras["reference"] = copy(reference)
+  return state.replace(params=params, extras=extras)
+
+
+# ------------------------------------------------------------------------ step
+
+def _sequence_sum(x, mask):
+  return jnp.sum(jnp.where(mask != 0, x, 0.0), axis=1)
+
+
+def explained_variance(values, returns, mask):
+  """1 - Var[returns - values] / Var[returns] over response tokens."""
+  var = lambda x: pg.masked_mean(jnp.square(x - pg.masked_mean(x, mask)), mask)
+  return 1.0 - var(returns - values) / jnp.maximum(var(returns), 1e-8)
+
+
+def advantages(config: ml_collections.ConfigDict, ro: dict, kl_coef) -> tuple[dict, dict]:
+  """Adds the algorithm's advantages (and PPO's returns) to the rollout; returns metrics.
+
+  Scores pass through `missing_eos_penalty` first (subtracted from responses that
+  never emit EOS; Huang et al. 2024, detail "EOS trick").
+  """
+  pc = config.ppo
+  mask = ro["response_mask"]
+  scores = ro["scores"] - jnp.where(ro["contains_eos"], 0.0, pc.missing_eos_penalty)
+  penalty = pg.kl_penalty(ro["logprobs"], ro["ref_logprobs"], pc.kl_estimator)
+  sequence_penalty = _sequence_sum(penalty, mask)
+  rlhf_reward = scores - kl_coef * sequence_penalty
+  ro = dict(ro)
+  metrics = {"rlhf_reward": jnp.mean(rlhf_reward)}
+  if pc.algorithm == "ppo":
+    rewards = pg.shaped_rewards(scores, ro["logprobs"], ro["ref_logprobs"], mask, kl_coef,
+                                pc.kl_estimator)
+    if pc.whiten_rewards:   # scale only: the KL penalty keeps its sign
+      rewards = pg.whiten(rewards, mask, shift_mean=False)
+    adv, ro["returns"] = pg.gae(rewards, ro["values"], mask, pc.gamma, pc.lam)
+    metrics.update(explained_variance=explained_variance(ro["values"], ro["returns"], mask),
+                   value_mean=pg.masked_mean(ro["values"], mask),
+                   return_mean=pg.masked_mean(ro["returns"], mask))
+  elif pc.algorithm == "rloo":   # REINFORCE leave-one-out on the KL-penalised sequence reward
+    adv = pg.rloo_advantages(rlhf_reward, pc.samples_per_prompt)[:, None] * jnp.ones_like(
+        ro["logprobs"])
+  else:                          # GRPO: the score alone; KL is a loss term
+    ro["sequence_advantages"] = pg.grpo_advantages(scores, pc.samples_per_prompt)
+    adv = ro["sequence_advantages"][:, None] * jnp.ones_like(ro["logprobs"])
+  if pc.algorithm != "grpo" and pc.whiten_advantages:
+    adv = pg.whiten(adv, mask)
+  ro["advantages"] = jnp.where(mask != 0, adv, 0.0)
+  return ro, metrics
+
+
+def make_loss_fn(config: ml_collections.ConfigDict, models: rollout_lib.Models):
+  """loss_fn(params, extras, minibatch, rng) -> (loss, metrics) of one minibatch."""
+  pc = config.ppo
+
+  def loss_fn(params, extras, mb, rng):
+    del rng
+    p = mb["tokens"].shape[1] - mb["response_mask"].shape[1]
+    mask = mb["response_mask"]
+    out = rollout_lib.response_outputs(models.policy, params["policy"], mb["tokens"], mb["mask"],
+                                       p, pc.temperature)
+    if pc.algorithm == "grpo":
+      # Shao et al. 2024, eq. 3: clipped surrogate with the k3 KL to the reference.
+      policy_loss, m = pg.grpo_loss(out["logprobs"], mb["logprobs"], mb["ref_logprobs"],
+                                    mb["sequence_advantages"], mask, pc.clip_eps,
+                                    extras["kl_coef"])
+      m = {"clipfrac": m["clipfrac"], "ratio": m["ratio"], "kl_loss_term": m["kl"]}
+    else:
+      # Schulman et al. 2017, eq. 7 (RLOO takes the same clipped form over its epochs).
+      policy_loss, m = pg.ppo_policy_loss(out["logprobs"], mb["logprobs"], mb["advantages"],
+                                          mask, pc.clip_eps)
+      m = {"clipfrac": m["clipfrac"], "ratio": m["ratio"]}
+    log_ratio = jnp.where(mask != 0, out["logprobs"] - mb["logprobs"], 0.0)
+    entropy = pg.entropy_from_logits(out["logits"], mask)
+    metrics = dict(m, policy_loss=policy_loss, entropy=entropy,
+                   approx_kl=pg.masked_mean(jnp.expm1(log_ratio) - log_ratio, mask))
+    loss = policy_loss - pc.entropy_coef * entropy
+    if pc.algorithm == "ppo":
+      if models.critic is not None:
+        values = rollout_lib.response_outputs(models.critic, params["critic"], mb["tokens"],
+                                              mb["mask"], p)["values"]
+      else:
+        values = out["values"]
+      value_loss, vm = pg.ppo_value_loss(values, mb["values"], mb["returns"], mask,
+                                         pc.value_clip_eps)
+      loss = loss + pc.vf_coef * value_loss
+      metrics.update(value_loss=value_loss, value_clipfrac=vm["clipfrac"])
+    metrics["loss"] = loss
+    return loss, metrics
+
+  return loss_fn
+
+
+_TRAIN_KEYS = ("tokens", "mask", "response_mask", "logprobs", "ref_logprobs", "values",
+               "returns", "advantages", "sequence_advantages")
+
+
+def make_step(config: ml_collections.ConfigDict):
+  """(state, prompt batch, rng) -> (state, metrics): one RLHF iteration."""
+  models = rollout_lib.make_models(config)
+  reward_fn = rollout_lib.make_reward_fn(config, models)
+  pc = config.ppo
+  tx = state_lib.make_optimizer(config.optimizer, num_updates(config))
+  schedule = state_lib.learning_rate_schedule(config.optimizer, num_updates(config))
+  loss_fn = make_loss_fn(config, models)
+  batch_size = rollout_lib.rollout_batch_size(config)
+  minibatch = batch_size // pc.num_minibatches
+  accum = config.optimizer.grad_accum_steps
+
+  def update(carry, inputs):
+    params, opt_state, step, extras = carry
+    mb, rng = inputs
+    grads, metrics = step_lib.gradients(loss_fn, params, extras, mb, rng, accum)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), learning_rate=schedule(step))
+    return (params, opt_state, step + 1, extras), metrics
+
+  def epoch(carry, rng):
+    data, carry = carry
+    perm_rng, mb_rng = jax.random.split(rng)
+    order = jax.random.permutation(perm_rng, batch_size).reshape(pc.num_minibatches, minibatch)
+    minibatches = jax.tree.map(lambda x: x[order], data)
+    carry, metrics = jax.lax.scan(update, carry, (minibatches, jax.random.split(
+        mb_rng, pc.num_minibatches)))
+    return (data, carry), metrics
+
+  def step(state: state_lib.TrainState, batch: dict, rng: jax.Array):
+    rollout_rng, train_rng = jax.random.split(rng)
+    prompt_tokens, prompt_mask = batch["prompt_tokens"], batch["prompt_mask"]
+    if pc.samples_per_prompt > 1:   # the k samples of a prompt are contiguous rows
+      prompt_tokens = jnp.repeat(prompt_tokens, pc.samples_per_prompt, axis=0)
+      prompt_mask = jnp.repeat(prompt_mask, pc.samples_per_prompt, axis=0)
+    kl_coef = state.extras["kl_coef"]
+    ro = rollout_lib.rollout(config, models, reward_fn, state.params, state.extras,
+                             prompt_tokens, prompt_mask, rollout_rng)
+    ro, metrics = advantages(config, ro, kl_coef)
+
+    data = {k: v for k, v in ro.items() if k in _TRAIN_KEYS}
+    carry = (state.params, state.opt_state, state.step, state.extras)
+    (_, (params, opt_state, step, _)), train_metrics = jax.lax.scan(
+        epoch, (data, carry), jax.random.split(train_rng, pc.epochs))
+    metrics.update(jax.tree.map(jnp.mean, train_metrics))
+
+    mask = ro["response_mask"]
+    sequence_kl = _sequence_sum(ro["logprobs"] - ro["ref_logprobs"], mask)   # k1, MC estimate
+    finite = jnp.all(jnp.isfinite(ro["scores"]))
+    real = mask != 0
+    metrics.update(
+        score=jnp.mean(ro["scores"]), score_std=jnp.std(ro["scores"]),
+        kl=jnp.mean(sequence_kl), kl_coef=kl_coef,
+        response_length=jnp.mean(jnp.sum(mask, axis=1).astype(jnp.float32)),
+        no_eos_fraction=1.0 - jnp.mean(ro["contains_eos"].astype(jnp.float32)),
+        sampler_logprob_diff=jnp.max(jnp.where(real, jnp.abs(ro["sampler_logprobs"]
+                                                              - ro["logprobs"]), 0.0)),
+        # A non-finite score (reported on the host by rollout.checked_scores) must stop the run.
+        loss=jnp.where(finite, metrics["loss"], jnp.nan))
+    if pc.adaptive_kl:
+      kl_coef = pg.adaptive_kl_update(kl_coef, jnp.mean(sequence_kl), batch_size, pc.kl_target,
+                                      pc.kl_horizon)
+    extras = dict(state.extras, kl_coef=jnp.asarray(kl_coef, jnp.float32))
+    state = state.replace(step=step, params=params, opt_state=opt_state, extras=extras)
+    return state, metrics
+
+  return step
+
+
+# ------------------------------------------------------------------------ evaluate
+
+@functools.cache
+def _eval_fn(models: rollout_lib.Models, max_new_tokens: int, eos_id: int, pad_id: int):
+  @jax.jit
+  def fn(params, extras, batch, rng):
+    sample = sampling.sample(params["policy"], models.policy, batch["prompt_tokens"],
+                             batch["prompt_mask"], rng, max_new_tokens=max_new_tokens,
+                             temperature=1.0, eos_id=eos_id, pad_id=pad_id)
+    p = batch["prompt_tokens"].shape[1]
+    ref = rollout_lib.response_outputs(models.reference, extras["reference"], sample.tokens,
+                                       sample.mask, p)["logprobs"]
+    out = {"tokens": sample.tokens, "mask": sample.mask, "response_mask": sample.response_mask,
+           "logprobs": sample.logprobs, "ref_logprobs": ref}
+    if models.reward is not None:
+      out["rm_score"] = reward_lib.score(models.reward, extras["reward"], sample.tokens,
+                                         sample.mask)
+    return out
+  return fn
+
+
+def evaluate(config, state, data, mesh, rng) -> dict:
+  """Held-out prompts, sampled at temperature 1: gold reward (mean, std, stderr), MC
+  KL(pi || pi_ref) with its standard error, response length, distinct-n, learned-RM
+  score, and `samples`: the first `config.ppo.eval_samples` texts (prompt + response)."""
+  models = rollout_lib.make_models(config)
+  tokenizer = tokenizers.make_tokenizer(config.tokenizer)
+  fn = _eval_fn(models, config.ppo.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id)
+  columns = {}
+  for i, batch in enumerate(data.eval()):
+    batch = sharding_lib.put_batch(batch, mesh)   # multi-host: gather outputs and rows alike
+    out, valid = sharding_lib.to_host((fn(state.params, state.extras, batch,
+                                          jax.random.fold_in(rng, i)), batch["valid"]))
+    valid = np.asarray(valid) == 1
+    for k, v in out.items():
+      columns.setdefault(k, []).append(np.asarray(v)[valid])
+  if not columns:
+    raise ValueError("ppo evaluation: the eval split gave no prompt batches")
+  c = {k: np.concatenate(v) for k, v in columns.items()}
+  p = config.data.prompt_len
+  texts = rollout_lib.decode_texts(tokenizer, c["tokens"], c["mask"])
+  responses = rollout_lib.decode_texts(tokenizer, c["tokens"][:, p:], c["mask"][:, p:])
+  gold = gold_reward.gold_reward(texts)
+  kl = evaluation.sequence_kl_estimate(c["logprobs"], c["ref_logprobs"], c["response_mask"])
+  summary = evaluation.summarize_policy(responses, gold, c["response_mask"].sum(axis=1), kl=kl,
+                                        num_samples=0)
+  summary.pop("samples")
+  n = config.ppo.eval_samples
+  summary.update(
+      samples=[f"{t}  [gold {g:+.2f}]" for t, g in zip(texts[:n], gold[:n])],
+      eos_fraction=float(np.mean(np.any((c["tokens"][:, p:] == tokenizer.eos_id)
+                                        & (c["mask"][:, p:] != 0), axis=1))))
+  if "rm_score" in c:
+    summary["rm_score"] = float(np.mean(c["rm_score"]))
+  return summary

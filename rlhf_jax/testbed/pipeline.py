@@ -1,0 +1,202 @@
+"""The testbed pipeline as functions: stages chained through their workdirs.
+
+pretrain -> sft -> labels (simulated annotators) -> reward -> ppo -> dpo -> evaluation.
+Each training stage runs in `root/<stage>` through the shared loop; a stage whose
+run finished (final_metrics.json) is skipped, one that was killed resumes. Used by
+experiments/pipeline.py and the reproductions.
+"""
+
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from configs import pipeline as pipeline_config
+from rlhf_jax import stages
+from rlhf_jax.stages import reward as reward_stage
+from rlhf_jax.testbed import evaluation
+from rlhf_jax.testbed import labelling
+from rlhf_jax.testbed import policy as policy_lib
+from rlhf_jax.train import loop
+
+POLICIES = ("pretrained", "sft", "ppo", "dpo")
+
+
+def stage_config(config: ml_collections.ConfigDict, name: str, root: str, **init):
+  """The stage's config with the pipeline's shared fields (model, seed, corpus, data dir)."""
+  c = ml_collections.ConfigDict(config[name].to_dict())
+  c.seed = config.seed
+  c.model = ml_collections.ConfigDict(config.model.to_dict())
+  c.data.update(config.data.to_dict())
+  c.data.data_dir = os.path.join(root, "data")
+  c.init.update(init)
+  return c
+
+
+def train_stage(name: str, config: ml_collections.ConfigDict, root: str) -> str:
+  """Runs one training stage unless it finished; returns its workdir."""
+  workdir = os.path.join(root, name)
+  if loop.read_final_metrics(workdir) is not None:
+    print(f"[pipeline] {name}: finished earlier, skipped")
+    return workdir
+  print(f"[pipeline] {name}: training {config.train.num_steps} steps in {workdir}")
+  start = time.perf_counter()
+  loop.train(config, workdir, stages.load(config.stage))
+  print(f"[pipeline] {name}: done in {time.perf_counter() - start:.0f}s")
+  return workdir
+
+
+def label_stage(config: ml_collections.ConfigDict, sft_dir: str, root: str) -> str:
+  """Simulated preference pairs from SFT samples; returns the dataset directory."""
+  out = os.path.join(root, "labels")
+  marker = os.path.join(out, "dataset.json")
+  if os.path.exists(marker):
+    print("[pipeline] labels: finished earlier, skipped")
+    with open(marker) as f:
+      return json.load(f)["dataset_dir"]
+  lc = config.labels
+  print(f"[pipeline] labels: {lc.num_prompts} prompts x {lc.k} SFT samples, annotator "
+        f"temperature {lc.temperature}")
+  dataset_dir = labelling.label(
+      sft_dir, out, k=lc.k, temperature=lc.temperature, flip_rate=lc.flip_rate,
+      num_prompts=lc.num_prompts, num_test_prompts=lc.num_test_prompts, seed=config.seed,
+      max_new_tokens=config.ppo.ppo.max_new_tokens, data_dir=os.path.join(root, "data"),
+      verbose=True)
+  with open(marker + ".tmp", "w") as f:
+    json.dump({"dataset_dir": dataset_dir}, f)
+  os.replace(marker + ".tmp", marker)
+  return dataset_dir
+
+
+def reward_model_scores(reward_dir: str, samples: dict, batch_size: int = 256) -> np.ndarray:
+  """Learned-RM scores `[N]` of `policy_lib.generate` samples (prompt + response)."""
+  _, model, params = policy_lib.load_policy(reward_dir, heads=reward_stage.HEADS)
+  tokens = np.concatenate([samples["prompt_tokens"], samples["response_tokens"]], axis=1)
+  mask = np.concatenate([samples["prompt_mask"], samples["response_mask"]], axis=1)
+  score = jax.jit(lambda p, t, m: reward_stage.score(model, p, t, m))
+  return np.concatenate([np.asarray(score(params, tokens[i:i + batch_size], mask[i:i + batch_size]))
+                         for i in range(0, len(tokens), batch_size)])
+
+
+def best_of_n(config, sft_dir: str, reward_dir: str, prompts, rng, sampling: dict) -> dict:
+  """Best-of-n against the learned reward model: n SFT samples a prompt, the RM picks one."""
+  n = config.evaluation.best_of_n
+  sft_config, model, params = policy_lib.load_policy(sft_dir)
+  tokenizer = policy_lib.make_tokenizer(sft_config)
+  repeated = [p for p in prompts for _ in range(n)]
+  out = policy_lib.generate(model, params, repeated, tokenizer, rng, **sampling)
+  proxy = reward_model_scores(reward_dir, out).reshape(len(prompts), n)
+  best = proxy.argmax(axis=1) + np.arange(len(prompts)) * n
+  texts = [out["texts"][i] for i in best]
+  gold = policy_lib.gold_scores(prompts, texts)
+  summary = evaluation.summarize_policy(texts, gold, out["response_mask"][best].sum(axis=1),
+                                        kl=(evaluation.best_of_n_kl(n), 0.0), num_samples=0)
+  summary["samples"] = [{"prompt": p, "response": r, "gold": float(g)}
+                        for p, r, g in zip(prompts, texts, gold)][:config.evaluation.num_samples]
+  summary["proxy_reward"] = float(proxy.max(axis=1).mean())
+  summary["kl_note"] = f"analytic: log {n} - ({n}-1)/{n}"
+  return summary
+
+
+def eval_sampling(config, sft_config) -> dict:
+  """Sampling for evaluation: the policy itself (temperature 1), PPO's response length."""
+  return dict(max_new_tokens=config.ppo.ppo.max_new_tokens, temperature=1.0,
+              batch_size=policy_lib.sampling_options(sft_config)["eval_batch_size"],
+              prompt_len=config.ppo.data.prompt_len)
+
+
+def evaluate_all(config, root: str, dirs: dict[str, str]) -> dict:
+  """Every policy on the same held-out prompts, KL to the SFT policy."""
+  ec = config.evaluation
+  sft_config, _, _ = policy_lib.load_policy(dirs["sft"])
+  tokenizer = policy_lib.make_tokenizer(sft_config)
+  prompts = policy_lib.heldout_prompts(sft_config, os.path.join(root, "data"), "test",
+                                       ec.num_prompts)
+  sampling = eval_sampling(config, sft_config)
+  rng = jax.random.key(config.seed + 1)
+  results = {}
+  for name in POLICIES:
+    results[name] = policy_lib.evaluate_policy(dirs[name], dirs["sft"], prompts, tokenizer, rng,
+                                               num_samples=ec.num_samples, **sampling)
+  results[f"best_of_{ec.best_of_n}"] = best_of_n(config, dirs["sft"], dirs["reward"], prompts,
+                                                 rng, sampling)
+  return results
+
+
+def markdown_table(results: dict) -> str:
+  lines = ["| policy | gold reward (mean ± s.e.) | KL to SFT (nats) | length | sample |",
+           "|---|---|---|---|---|"]
+  for name, r in results.items():
+    kl = "—" if r.get("kl") is None else f"{r['kl']:.2f}" + (
+        f" ± {r['kl_stderr']:.2f}" if r.get("kl_stderr") else "")
+    sample = r["samples"][0] if r.get("samples") else {"prompt": "", "response": ""}
+    text = (sample["prompt"] + sample["response"]).replace("|", "/").replace("\n", " ")
+    lines.append(f"| {name} | {r['gold_mean']:.3f} ± {r['gold_stderr']:.3f} | {kl} | "
+                 f"{r['length_mean']:.1f} | {text} |")
+  return "\n".join(lines)
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """An unlocked copy of the pipeline config, shrunk when `quick`."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  if config.quick:
+    pipeline_config.make_quick(config)
+  return config
+
+
+def policy_runs(config: ml_collections.ConfigDict, root: str) -> dict[str, str]:
+  """pretrain -> sft; returns their workdirs."""
+  os.makedirs(root, exist_ok=True)
+  dirs = {"pretrained": train_stage("pretrain", stage_config(config, "pretrain", root), root)}
+  dirs["sft"] = train_stage("sft", stage_config(config, "sft", root, checkpoint=dirs["pretrained"]),
+                            root)
+  return dirs
+
+
+def base_runs(config: ml_collections.ConfigDict, root: str) -> dict[str, str]:
+  """pretrain -> sft -> labels -> reward; returns their workdirs and the pairs' dataset."""
+  dirs = policy_runs(config, root)
+  dirs["labels"] = label_stage(config, dirs["sft"], root)
+  rm_config = stage_config(config, "reward", root, checkpoint=dirs["sft"])
+  rm_config.data.update(preference_data(dirs))
+  dirs["reward"] = train_stage("reward", rm_config, root)
+  return dirs
+
+
+def preference_data(dirs: dict[str, str]) -> dict:
+  """config.data fields that read the pipeline's simulated pairs."""
+  return {"source": "dataset", "dataset_dir": dirs["labels"]}
+
+
+def ppo_config(config, root: str, dirs: dict[str, str]) -> ml_collections.ConfigDict:
+  c = stage_config(config, "ppo", root, checkpoint=dirs["sft"])
+  c.ppo.reward_checkpoint = dirs["reward"]
+  return c
+
+
+def dpo_config(config, root: str, dirs: dict[str, str]) -> ml_collections.ConfigDict:
+  c = stage_config(config, "dpo", root, checkpoint=dirs["sft"])
+  c.data.update(preference_data(dirs))
+  return c
+
+
+def run(config: ml_collections.ConfigDict, root: str) -> dict:
+  """The whole pipeline; returns (and writes) the evaluation table."""
+  config = resolve(config)
+  start = time.perf_counter()
+  dirs = base_runs(config, root)
+  dirs["ppo"] = train_stage("ppo", ppo_config(config, root, dirs), root)
+  dirs["dpo"] = train_stage("dpo", dpo_config(config, root, dirs), root)
+  print("[pipeline] evaluation: every policy on the same held-out prompts")
+  results = evaluate_all(config, root, dirs)
+  table = markdown_table(results)
+  with open(os.path.join(root, "results.json"), "w") as f:
+    json.dump(results, f, indent=1, sort_keys=True)
+  with open(os.path.join(root, "results.md"), "w") as f:
+    f.write(table + "\n")
+  print(table)
+  print(f"[pipeline] total {time.perf_counter() - start:.0f}s; results in {root}/results.md")
+  return results

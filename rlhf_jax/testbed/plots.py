@@ -1,0 +1,57 @@
+"""Figures of the reproductions (matplotlib, written as PNG)."""
+
+import matplotlib
+
+matplotlib.use("Agg")   # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def frontier(rows: list[dict], path: str) -> None:
+  """Gold reward against KL to the reference, one colour per method, every seed a point."""
+  fig, ax = plt.subplots(figsize=(6.5, 4.5))
+  methods = list(dict.fromkeys(r["method"] for r in rows))
+  for i, method in enumerate(methods):
+    pts = [r for r in rows if r["method"] == method]
+    ax.errorbar([r["kl"] for r in pts], [r["gold"] for r in pts],
+                xerr=[r["kl_stderr"] for r in pts], yerr=[r["gold_stderr"] for r in pts],
+                fmt="o" if method != "SFT" else "*", ms=7 if method != "SFT" else 14,
+                color=f"C{i}", alpha=0.8, capsize=2, label=method)
+  ax.set_xlabel("KL(policy || SFT reference), nats per response")
+  ax.set_ylabel("mean gold reward (VADER compound)")
+  ax.set_title("Reward-KL frontier on the sentiment testbed\n(each point: one seed's final policy)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def overoptimization(panels: dict[str, list[dict]], fits: dict, path: str) -> None:
+  """Gold (solid) and proxy (dashed) reward against sqrt(KL), one panel per method.
+
+  panels: method -> rows with keys rm (proxy RM name), d (sqrt KL), gold, proxy.
+  fits: (method, rm) -> callable d -> fitted gold reward gain (plotted dotted).
+  """
+  fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+  for ax, (method, rows) in zip(axes[0], panels.items()):
+    rms = list(dict.fromkeys(r["rm"] for r in rows))
+    for i, rm in enumerate(rms):
+      pts = sorted((r for r in rows if r["rm"] == rm), key=lambda r: r["d"])
+      d = np.array([r["d"] for r in pts])
+      ax.plot(d, [r["gold"] for r in pts], "o-", color=f"C{i}", label=f"gold, RM {rm}")
+      ax.plot(d, [r["proxy"] for r in pts], "s--", color=f"C{i}", alpha=0.6, label=f"proxy, RM {rm}")
+      fit = fits.get((method, rm))
+      if fit is not None:
+        grid = np.linspace(0, d.max(), 100)
+        ax.plot(grid, fit(grid) + pts[0]["gold"] - fit(np.asarray(pts[0]["d"])), ":",
+                color=f"C{i}", label=f"fit, RM {rm}")
+    ax.set_xlabel("sqrt(KL(policy || SFT)), sqrt(nats)")
+    ax.set_ylabel("reward")
+    ax.set_title(method)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.suptitle("Reward-model over-optimisation (after Gao et al. 2022, fig. 1)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

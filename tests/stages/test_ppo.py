@@ -1,0 +1,341 @@
+"""PPO / RLOO / GRPO stage: rollout log-probs against a NumPy forward pass, first-step
+ratios and KL, advantages against NumPy formulas, bad rewards, frozen params, sharding."""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import grpo as grpo_config
+from configs import ppo as ppo_config
+from configs import rloo as rloo_config
+from rlhf_jax.model import transformer
+from rlhf_jax.model import sampling
+from rlhf_jax.stages import ppo
+from rlhf_jax.stages import reward as reward_lib
+from rlhf_jax.stages import rollout as rollout_lib
+from rlhf_jax.testbed import gold_reward
+from rlhf_jax.train import checkpoint as checkpoint_lib
+from rlhf_jax.train import loop
+from rlhf_jax.train import sharding as sharding_lib
+
+# A reward model smaller than the policy: its architecture comes from its config.json.
+RM_MODEL = dict(embed_dim=32, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16,
+                mlp_dim=64, max_len=64)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("ppo")
+  rm_dir = str(root / "rm")
+  config = ppo_config.get_config()
+  config.stage = "reward"
+  config.model.update(RM_MODEL)
+  model = transformer.Transformer(transformer.TransformerConfig.from_dict(config.model),
+                                  heads=reward_lib.HEADS)
+  dummy = jnp.zeros((1, 4), jnp.int32)
+  params = jax.jit(model.init)(jax.random.key(7), dummy, dummy, jnp.ones((1, 4), jnp.int32))
+  params = jax.tree.map(lambda p: p + 0.0, nn.meta.unbox(params["params"]))
+  # A non-zero head so that scores differ between responses.
+  params["scalar_head"]["kernel"] = params["scalar_head"]["kernel"] * 50.0
+  loop.write_config(config, rm_dir)
+  checkpoint_lib.save(checkpoint_lib.manager(rm_dir, 1), 1, {"step": jnp.zeros((), jnp.int32), "params": params}, {})
+  return {"rm": rm_dir, "data": str(root / "data"), "root": root}
+
+
+def tiny_config(dirs, base=ppo_config, **ppo_fields):
+  c = base.get_config()
+  c.model = ppo_config.base.model_config("tiny")
+  c.model.update(num_layers=1, max_len=32)
+  c.data.update(corpus_train=300, corpus_test=40, prompt_len=16, eval_batch_size=8,
+                data_dir=dirs["data"])
+  if c.ppo.samples_per_prompt == 1:
+    c.data.batch_size = 8
+  else:
+    c.ppo.samples_per_prompt, c.data.batch_size = 2, 4
+  c.ppo.update(max_new_tokens=8, epochs=2, num_minibatches=2, reward_checkpoint=dirs["rm"],
+               temperature=0.7)
+  c.ppo.update(**ppo_fields)
+  c.train.update(num_steps=2, log_every=1, eval_every=0, eval_batches=1, checkpoint_every=0)
+  c.optimizer.update(learning_rate=1e-3, warmup_steps=0)
+  return c
+
+
+def first_iteration_config(dirs):
+  """One epoch of one minibatch (the first update sees the rollout's own policy), adaptive KL."""
+  return tiny_config(dirs, epochs=1, num_minibatches=1, adaptive_kl=True, kl_target=2.0,
+                     kl_horizon=100)
+
+
+_COMPILED = {}   # (config, devices) -> (mesh, initial state, compiled step): once per module
+# Cheaper compiles for these tiny programs (the same options for every run compared).
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def compiled(config, num_devices=1):
+  key = (config.to_json(), num_devices)
+  if key not in _COMPILED:
+    mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:num_devices])
+    batch = next(ppo.make_data(config, config.data.data_dir).train)
+    with jax.set_mesh(mesh):
+      state = ppo.init(config, jax.random.key(0), mesh)
+      shardings = sharding_lib.shardings_of(state)
+      step = jax.jit(ppo.make_step(config), in_shardings=(
+          shardings, sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)),
+                     out_shardings=(shardings, sharding_lib.replicated(mesh)),
+                     donate_argnums=(0,))   # as the loop does
+      step = step.lower(state, sharding_lib.put_batch(batch, mesh),
+                        jax.random.key(0)).compile(FAST_COMPILE)
+    _COMPILED[key] = mesh, state, step
+  return _COMPILED[key]
+
+
+def run(config, num_steps, num_devices=1, state=None):
+  """Iterations from the initial state (or `state`): (metrics per step, final state)."""
+  mesh, initial, step = compiled(config, num_devices)
+  state = jax.tree.map(jnp.copy, initial if state is None else state)   # the step donates it
+  data = ppo.make_data(config, config.data.data_dir)
+  history = []
+  with jax.set_mesh(mesh):
+    for i in range(num_steps):
+      state, metrics = step(state, sharding_lib.put_batch(next(data.train), mesh),
+                            jax.random.key(i))
+      history.append(jax.device_get(metrics))
+  return history, state
+
+
+def log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_rollout_pieces_equal_a_numpy_forward_pass(dirs):
+  """The rollout's log-probs (sampler and recomputed), values and scores, from one sample."""
+  config = first_iteration_config(dirs)
+  _, state, _ = compiled(config)
+  models = rollout_lib.make_models(config)
+  assert models.reward.config.embed_dim == RM_MODEL["embed_dim"]   # from the RM's config.json
+  assert models.critic.config == models.reward.config               # critic initialised from the RM
+  batch = next(ppo.make_data(config, config.data.data_dir).train)
+  p, n, temperature = config.data.prompt_len, config.ppo.max_new_tokens, config.ppo.temperature
+  sample = sampling.sample(state.params["policy"], models.policy, batch["prompt_tokens"],
+                           batch["prompt_mask"], jax.random.key(1), max_new_tokens=n,
+                           temperature=temperature, eos_id=2, pad_id=0)
+  # Eager (un-jitted) pieces of rollout_lib.rollout.
+  policy = rollout_lib.response_outputs(models.policy, state.params["policy"], sample.tokens,
+                                        sample.mask, p, temperature)
+  critic = rollout_lib.response_outputs(models.critic, state.params["critic"], sample.tokens,
+                                        sample.mask, p)
+  scores = rollout_lib.model_reward_fn(models.reward)(state.extras, sample)
+  sample, policy, critic, scores = jax.device_get((sample, policy, critic, scores))
+
+  tokens, mask = sample.tokens, sample.mask
+  positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+  apply = lambda model, params: jax.device_get(model.apply({"params": params}, tokens,
+                                                           positions, mask)[0])
+  logits = np.asarray(apply(models.reference, state.extras["reference"])["logits"], np.float64)
+  # Response token t is predicted at position p - 1 + t.
+  logp = log_softmax(logits[:, p - 1:p - 1 + n] / temperature)
+  expected = np.take_along_axis(logp, tokens[:, p:, None], -1)[..., 0]
+  real = sample.response_mask == 1
+  assert real.sum() > 0
+  np.testing.assert_allclose(policy["logprobs"][real], expected[real], atol=2e-5)
+  np.testing.assert_allclose(sample.logprobs[real], expected[real], atol=2e-5)
+  # Values: the critic's scalar head at the same positions (the state before token t).
+  values = apply(models.critic, state.params["critic"])["scalar"][:, p - 1:p - 1 + n]
+  np.testing.assert_allclose(critic["values"], values, atol=1e-6)
+  # The score: the reward model's scalar head at the last real token.
+  rm = apply(models.reward, state.extras["reward"])["scalar"]
+  last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
+  np.testing.assert_allclose(scores, rm[np.arange(len(last)), last], atol=1e-5)
+  assert np.std(scores) > 1e-3
+
+
+def test_first_iteration_ratio_one_kl_zero_frozen_params(dirs):
+  config = first_iteration_config(dirs)
+  _, state, _ = compiled(config)
+  before = jax.device_get({"reference": state.extras["reference"], "reward": state.extras["reward"],
+                           "policy": state.params["policy"]})
+  history, state = run(config, 2)
+  first = history[0]
+  # Rollout log-probs come from the training forward pass: the first ratio is exactly 1.
+  assert first["ratio"] == pytest.approx(1.0, abs=1e-6)
+  assert first["clipfrac"] == 0.0
+  assert abs(first["approx_kl"]) < 1e-7
+  assert first["sampler_logprob_diff"] < 2e-5
+  # Policy == reference at the first rollout: no KL, and the RLHF reward is the score.
+  assert first["kl"] == 0.0
+  assert first["rlhf_reward"] == pytest.approx(first["score"], abs=1e-6)
+  # Ziegler's controller: e = clip(0 / 2 - 1, -0.2, 0.2) = -0.2; beta (1 + e * 8 / 100).
+  beta = config.ppo.kl_coef
+  assert first["kl_coef"] == pytest.approx(beta)
+  assert history[1]["kl_coef"] == pytest.approx(beta * (1 - 0.2 * 8 / 100), rel=1e-6)
+  assert history[1]["kl"] != 0.0                        # the policy moved
+  for m in history:
+    for k in ("loss", "score", "entropy", "value_loss", "explained_variance", "response_length",
+              "no_eos_fraction", "grad_norm"):
+      assert np.isfinite(m[k]), k
+  after = jax.device_get(state)
+  for name in ("reference", "reward"):   # frozen: bit for bit
+    jax.tree.map(np.testing.assert_array_equal, before[name], after.extras[name])
+  changed = jax.tree.leaves(jax.tree.map(lambda a, b: np.any(a != b), before["policy"],
+                                         after.params["policy"]))
+  assert any(changed)
+  assert int(after.step) == 2                           # 2 iterations x 1 epoch x 1 minibatch
+
+
+def _np_gae(rewards, values, mask, gamma, lam):
+  adv = np.zeros_like(rewards)
+  for b in range(rewards.shape[0]):
+    idx = np.flatnonzero(mask[b])
+    last_adv, next_v = 0.0, 0.0
+    for t in idx[::-1]:
+      delta = rewards[b, t] + gamma * next_v - values[b, t]
+      last_adv = delta + gamma * lam * last_adv
+      adv[b, t], next_v = last_adv, values[b, t]
+  return adv
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo", "grpo"])
+def test_advantages_match_numpy(dirs, algorithm):
+  base = {"ppo": ppo_config, "rloo": rloo_config, "grpo": grpo_config}[algorithm]
+  kl_estimator = "k3" if algorithm == "rloo" else "k1"
+  config = tiny_config(dirs, base, missing_eos_penalty=0.5, kl_coef=0.3, whiten_advantages=False,
+                       kl_estimator=kl_estimator)
+  rng = np.random.default_rng(0)
+  b, n, k = 6, 5, 2
+  mask = (np.arange(n)[None] < np.array([5, 3, 1, 4, 5, 2])[:, None]).astype(np.int32)
+  ro = {"response_mask": mask, "scores": rng.normal(size=b).astype(np.float32),
+        "contains_eos": np.array([1, 0, 1, 1, 0, 1], bool),
+        "logprobs": rng.normal(size=(b, n)).astype(np.float32),
+        "ref_logprobs": rng.normal(size=(b, n)).astype(np.float32),
+        "values": rng.normal(size=(b, n)).astype(np.float32)}
+  assert config.ppo.samples_per_prompt == (1 if algorithm == "ppo" else k)
+  out, metrics = jax.device_get(ppo.advantages(config, {k_: jnp.asarray(v) for k_, v in ro.items()},
+                                               0.3))
+  scores = ro["scores"] - 0.5 * (~ro["contains_eos"])
+  log_r = ro["ref_logprobs"].astype(np.float64) - ro["logprobs"]
+  kl = (-log_r if kl_estimator == "k1" else np.expm1(log_r) - log_r) * mask
+  seq_reward = scores - 0.3 * kl.sum(1)
+  np.testing.assert_allclose(metrics["rlhf_reward"], seq_reward.mean(), rtol=1e-5)
+  if algorithm == "ppo":
+    rewards = -0.3 * kl
+    last = mask.sum(1) - 1
+    rewards[np.arange(b), last] += scores
+    expected = _np_gae(rewards, ro["values"], mask, 1.0, config.ppo.lam)
+    np.testing.assert_allclose(out["returns"], (expected + ro["values"]) * mask, atol=1e-5)
+  elif algorithm == "rloo":
+    g = seq_reward.reshape(-1, k)
+    expected = (g - (g.sum(1, keepdims=True) - g) / (k - 1)).reshape(-1)[:, None] * mask
+  else:
+    g = scores.reshape(-1, k)
+    seq = ((g - g.mean(1, keepdims=True)) / (g.std(1, ddof=1, keepdims=True) + 1e-4)).reshape(-1)
+    np.testing.assert_allclose(out["sequence_advantages"], seq, atol=1e-4)
+    expected = seq[:, None] * mask
+  np.testing.assert_allclose(out["advantages"], expected, atol=1e-4)
+
+
+def test_sharded_iterations_equal_one_device(dirs):
+  assert jax.device_count() == 8
+  config = first_iteration_config(dirs)
+  history_1, _ = run(config, 2)
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  history_8, state_8 = run(config, 2, num_devices=8)
+  kernel = state_8.params["policy"]["layer_0"]["attn"]["query"]["kernel"]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+  for m1, m8 in zip(history_1, history_8):
+    assert m1.keys() == m8.keys()
+    for k in m1:
+      np.testing.assert_allclose(m8[k], m1[k], rtol=1e-4, atol=1e-4, err_msg=k)
+
+
+def test_grpo_gold_reward_in_the_loop_nan_stops_the_run(dirs, monkeypatch, capfd):
+  config = tiny_config(dirs, grpo_config, reward="gold", reward_checkpoint="")
+  config.mesh.update(data=2, fsdp=2, tensor=2)        # 4 prompts x 2 samples a batch
+  calls = []
+  def gold_then_nan(texts):   # the probe at make_step (2 texts) and iteration 1 are scored
+    calls.append(len(texts))
+    return real(texts) if len(calls) <= 2 else np.full(len(texts), np.nan, np.float32)
+  real = gold_reward.gold_reward
+  monkeypatch.setattr(gold_reward, "gold_reward", gold_then_nan)
+  workdir = str(dirs["root"] / "grpo_gold")
+  with pytest.raises(loop.NonFiniteLossError, match="loss is nan at step 2"):
+    loop.train(config, workdir, ppo)                  # 8 devices: the callback sees all rows
+  assert "reward 'gold' returned non-finite scores for 8 of 8" in capfd.readouterr().err
+  assert calls == [2, 8, 8]
+  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  first, = [r for r in records if r["split"] == "train"]
+  assert first["step"] == 1 and first["kl"] == 0.0 and first["kl_loss_term"] >= 0
+  for k in ("loss", "score", "entropy", "clipfrac", "approx_kl"):
+    assert np.isfinite(first[k]), k
+  assert -1 <= first["score"] <= 1                    # VADER compound
+
+
+def test_shared_critic_is_a_value_head_on_the_policy(dirs):
+  config = tiny_config(dirs, critic="shared", reward="gold", reward_checkpoint="")
+  mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
+  with jax.set_mesh(mesh):
+    state = ppo.init(config, jax.random.key(0), mesh)
+    batch = jax.eval_shape(lambda: {
+        "prompt_tokens": jnp.zeros((8, 16), jnp.int32), "prompt_mask": jnp.ones((8, 16), jnp.int32)})
+    _, metrics = jax.eval_shape(ppo.make_step(config), state, batch, jax.random.key(0))
+  assert set(state.params) == {"policy"} and "scalar_head" in state.params["policy"]
+  assert "scalar_head" not in state.extras["reference"] and "reward" not in state.extras
+  assert {"value_loss", "explained_variance"} <= set(metrics)
+
+
+def test_rloo_runs_and_evaluates(dirs):
+  config = tiny_config(dirs, rloo_config)
+  history, state = run(config, 2)
+  assert history[0]["kl"] == 0.0 and history[1]["kl"] != 0.0
+  assert all(np.isfinite(m["loss"]) for m in history)
+  mesh, _, _ = compiled(config)
+  with jax.set_mesh(mesh):
+    metrics = ppo.evaluate(config, state, ppo.make_data(config, config.data.data_dir), mesh,
+                           jax.random.key(0))
+  for k in ("gold_mean", "gold_std", "kl", "kl_stderr", "length_mean", "rm_score"):
+    assert np.isfinite(metrics[k]), k
+  assert metrics["num"] == config.data.eval_batch_size * config.train.eval_batches
+  assert -1 <= metrics["gold_mean"] <= 1
+  assert len(metrics["samples"]) == config.ppo.eval_samples
+  assert all(isinstance(t, str) for t in metrics["samples"])
+  json.dumps(metrics)
+
+
+def test_nan_model_reward_gives_nan_loss_and_message(dirs, capfd):
+  config = first_iteration_config(dirs)
+  _, state, _ = compiled(config)
+  reward = jax.tree.map(lambda x: x, state.extras["reward"])
+  reward["scalar_head"] = dict(reward["scalar_head"],
+                               bias=jnp.full_like(reward["scalar_head"]["bias"], jnp.nan))
+  history, _ = run(config, 1, state=state.replace(extras=dict(state.extras, reward=reward)))
+  assert np.isnan(history[0]["loss"]) and np.isnan(history[0]["score"])
+  assert "reward 'model' returned non-finite scores for 8 of 8" in capfd.readouterr().err
+
+
+def test_wrong_reward_shape_is_a_clear_error(dirs, monkeypatch):
+  config = first_iteration_config(dirs)
+  mesh, state, _ = compiled(config)
+  score = reward_lib.score
+  monkeypatch.setattr(reward_lib, "score", lambda *a: score(*a)[:, None])
+  batch = sharding_lib.put_batch(next(ppo.make_data(config, config.data.data_dir).train), mesh)
+  with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"reward 'model' returned shape \(8, 1\), expected"):
+    jax.eval_shape(ppo.make_step(config), state, batch, jax.random.key(0))
+  monkeypatch.setattr(gold_reward, "gold_reward", lambda texts: np.zeros((len(texts), 2)))
+  with pytest.raises(ValueError, match="reward 'gold'.*expected 2 finite scores"):
+    ppo.make_step(tiny_config(dirs, reward="gold"))
+
+
+def test_config_errors_name_the_field(dirs):
+  with pytest.raises(ValueError, match="config.ppo.algorithm"):
+    rollout_lib.make_models(tiny_config(dirs, algorithm="dpo"))
+  with pytest.raises(ValueError, match="config.ppo.samples_per_prompt"):
+    rollout_lib.make_models(tiny_config(dirs, rloo_config, samples_per_prompt=1))
+  with pytest.raises(ValueError, match="config.ppo.reward_checkpoint"):
+    rollout_lib.make_models(tiny_config(dirs, reward_checkpoint=""))
+  with pytest.raises(ValueError, match="policy: max_len=32"):
+    rollout_lib.make_models(tiny_config(dirs, max_new_tokens=20))
