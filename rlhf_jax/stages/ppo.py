@@ -80,9 +80,18 @@ def _lm_only(params):
   return {k: v for k, v in params.items() if k != "scalar_head"}
 
 
+def _zero_value_head(params):
+  """A value head that is not the reward model's starts at V = 0: advantages then begin as
+  (whitened) returns, not returns minus a random function of the prefix."""
+  head = jax.jit(lambda h: jax.tree.map(jnp.zeros_like, h),
+                 out_shardings=sharding_lib.shardings_of(params["scalar_head"]))
+  return dict(params, scalar_head=head(params["scalar_head"]))
+
+
 def init(config: ml_collections.ConfigDict, rng: jax.Array, mesh) -> state_lib.TrainState:
   """Policy from `config.init`, frozen reference = a copy of it, reward model and critic
-  from `config.ppo.reward_checkpoint` (critic: from the policy's checkpoint without one)."""
+  from `config.ppo.reward_checkpoint`. Without a reward checkpoint the separate critic is
+  the policy's trunk; a value head that does not come from the reward model starts at 0."""
   models = rollout_lib.make_models(config)
   pc = config.ppo
   tx = state_lib.make_optimizer(config.optimizer, num_updates(config))
@@ -105,7 +114,9 @@ def init(config: ml_collections.ConfigDict, rng: jax.Array, mesh) -> state_lib.T
   if models.critic is not None:
     params["critic"] = (checkpoint_lib.load_params(pc.reward_checkpoint, params["critic"])
                         if pc.reward_checkpoint
-                        else common.load_initial_params(config, params["critic"]))
+                        else _zero_value_head(common.load_initial_params(config, params["critic"])))
+  elif "scalar_head" in params["policy"]:   # shared critic: a new value head on the policy
+    params["policy"] = _zero_value_head(params["policy"])
   # The reference owns its buffers: the policy's are donated to every step.
   reference = _lm_only(params["policy"])
   copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t),

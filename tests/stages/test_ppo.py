@@ -283,7 +283,9 @@ def test_shared_critic_is_a_value_head_on_the_policy(dirs):
     batch = jax.eval_shape(lambda: {
         "prompt_tokens": jnp.zeros((8, 16), jnp.int32), "prompt_mask": jnp.ones((8, 16), jnp.int32)})
     _, metrics = jax.eval_shape(ppo.make_step(config), state, batch, jax.random.key(0))
-  assert set(state.params) == {"policy"} and "scalar_head" in state.params["policy"]
+  assert set(state.params) == {"policy"}
+  head = jax.device_get(state.params["policy"]["scalar_head"])   # a new value head: V = 0
+  assert not np.any(head["kernel"]) and not np.any(head["bias"])
   assert "scalar_head" not in state.extras["reference"] and "reward" not in state.extras
   assert {"value_loss", "explained_variance"} <= set(metrics)
 

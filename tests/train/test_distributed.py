@@ -18,6 +18,7 @@ import pytest
 
 from configs import base
 from rlhf_jax.stages import dpo
+from rlhf_jax.stages import reward
 from rlhf_jax.stages import sft
 from rlhf_jax.train import distributed
 from rlhf_jax.train import loop
@@ -37,7 +38,12 @@ SFT = dict(COMMON, **{"data.corpus_train": 300, "data.corpus_test": 40, "data.se
 DPO = dict(COMMON, **{"data.source": "jsonl", "data.seq_len": 64, "data.on_error": "raise",
                       "train.eval_batches": 0, "optimizer.learning_rate": 1e-3,
                       "mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1})
-STAGES = {"sft": (sft, SFT), "dpo": (dpo, DPO)}
+# Bradley-Terry is blind to a constant shift of the rewards, so without centring the
+# scalar head's bias gets a zero gradient up to rounding, which Adam normalises into
+# lr-sized steps of either sign: centring makes the bias (and the rewards) well defined.
+REWARD = dict(DPO, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
+                      "reward.center_coef": 0.01})
+STAGES = {"sft": (sft, SFT), "dpo": (dpo, DPO), "reward": (reward, REWARD)}
 
 
 def write_pairs(path, n=48):
@@ -87,7 +93,7 @@ def check_two_processes_equal_one(tmp_path, names, num_steps, checkpoint_every, 
   write_pairs(pairs)
   runs = {name: dict(STAGES[name][1], **{
       "train.num_steps": num_steps, "train.checkpoint_every": checkpoint_every,
-      "data.train_file": str(pairs) if name == "dpo" else ""}) for name in names}
+      "data.train_file": str(pairs) if name != "sft" else ""}) for name in names}
   reference = {}
   for name, overrides in runs.items():
     config = multiprocess_worker.make_config(name, dict(overrides, **{
@@ -95,12 +101,12 @@ def check_two_processes_equal_one(tmp_path, names, num_steps, checkpoint_every, 
     workdir = str(tmp_path / f"{name}_1proc")
     reference[name] = (loop.train(config, workdir, STAGES[name][0]), train_records(workdir))
 
-  # The SFT workers reuse the prepared dataset; the DPO workers prepare their own
-  # (process 0 first, then process 1 finds it).
+  # The SFT and reward workers reuse the prepared datasets; the DPO workers prepare
+  # their own (process 0 first, then process 1 finds it).
   jobs = [{"kind": "train", "stage": name, "workdir": str(tmp_path / f"{name}_2proc"),
            "kill_before_step": kill_before,
            "overrides": dict(overrides, **{"data.data_dir": str(tmp_path / (
-               "data" if name == "sft" else "data_2proc"))})}
+               "data_2proc" if name == "dpo" else "data"))})}
           for name, overrides in runs.items()]
   launch({"jobs": jobs, "cache_dir": str(tmp_path / "jax_cache")}, tmp_path, timeout=300)
 
@@ -134,10 +140,10 @@ def test_two_processes_equal_one_process_short(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path):
-  """SFT (mesh 1x4x2: FSDP across the processes) and DPO (8-way data parallel), 10 steps:
-  killed before step 7 (step 6 logged, not saved), resumed from step 5."""
-  check_two_processes_equal_one(tmp_path, ["sft", "dpo"], num_steps=10, checkpoint_every=5,
-                                kill_before=7)
+  """SFT (mesh 1x4x2: FSDP across the processes), DPO (8-way data parallel) and reward
+  (2x2x2), 10 steps: killed before step 7 (step 6 logged, not saved), resumed from step 5."""
+  check_two_processes_equal_one(tmp_path, ["sft", "dpo", "reward"], num_steps=10,
+                                checkpoint_every=5, kill_before=7)
 
 
 def test_sigterm_to_one_process_stops_all_at_one_step(tmp_path):
