@@ -70,7 +70,7 @@ def main(argv):
   seeds = [int(s) for s in _SEEDS.value]
   betas, kl_coefs = [float(b) for b in _BETAS.value], [float(k) for k in _KL_COEFS.value]
   if _QUICK.value:
-    seeds, betas, kl_coefs = seeds[:1], betas[1:3], kl_coefs[1:2]
+    seeds, betas, kl_coefs = seeds[:1], betas[1:2], kl_coefs[1:2]
   root = _WORKDIR.value
   base = _BASE.value or os.path.join(root, "base")
   dirs = pipeline.base_runs(config, base)

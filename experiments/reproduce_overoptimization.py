@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from configs import pipeline as pipeline_config
+from rlhf_jax.data import tfds_builders
 from rlhf_jax.testbed import evaluation
 from rlhf_jax.testbed import overoptimization as overopt
 from rlhf_jax.testbed import pipeline
@@ -51,7 +52,7 @@ def main(argv):
   rm_pairs = [int(n) for n in _RM_PAIRS.value]
   pool, bon_prompts = _POOL.value, _BON_PROMPTS.value
   if _QUICK.value:
-    rm_pairs, pool, bon_prompts = [32, 128], 16, 8
+    rm_pairs, pool, bon_prompts = [16, 64], 16, 8
   config.labels.num_prompts = max(config.labels.num_prompts, max(rm_pairs) // 3 + 1)
   root = _WORKDIR.value
   base = _BASE.value or os.path.join(root, "base")
@@ -63,6 +64,11 @@ def main(argv):
   sampling = pipeline.eval_sampling(config, sft_config)
   rng = jax.random.key(2)
 
+  available = tfds_builders.read_metadata(dirs["labels"])["stats"]["train_labelled"]
+  if max(rm_pairs) > available:
+    print(f"[overopt] only {available} gold-labelled train pairs: proxy sizes {rm_pairs} "
+          f"clipped to {available}")
+  rm_pairs = sorted({min(n, available) for n in rm_pairs})
   proxies = {}
   for n_pairs in rm_pairs:
     c = pipeline.stage_config(config, "reward", root, checkpoint=dirs["sft"])
@@ -89,8 +95,7 @@ def main(argv):
   eval_prompts = policy_lib.heldout_prompts(sft_config, os.path.join(base, "data"), "test",
                                             config.evaluation.num_prompts)
   for rm, rm_dir in proxies.items():
-    c = pipeline.ppo_config(config, root, dirs)
-    c.ppo.reward_checkpoint = rm_dir
+    c = pipeline.ppo_config(config, root, dict(dirs, reward=rm_dir))
     c.train.checkpoint_every = max(1, c.train.num_steps // 8)
     c.train.keep_checkpoints = 100
     workdir = pipeline.train_stage(f"ppo_proxy_{rm}", c, root)
@@ -122,7 +127,7 @@ def main(argv):
       fits[(method, rm)] = overopt.fitted(form, alpha, beta)
       peak = max(pts, key=lambda r: r["gold"])
       fit_lines.append(f"| {method} | {rm} | {alpha:.4f} | {beta:.4f} | {peak['d']:.2f} | "
-                       f"{'yes' if peak is not pts[-1] else 'no'} | "
+                       f"{'yes' if peak['gold'] > pts[-1]['gold'] + 1e-9 else 'no'} | "
                        f"{'yes' if pts[-1]['proxy'] >= max(r['proxy'] for r in pts) - 1e-9 else 'no'} |")
 
   with open(os.path.join(root, "overoptimization.csv"), "w", newline="") as f:
