@@ -27,32 +27,37 @@ def get_config():
   c.data.corpus_test = 5_000
 
   c.pretrain = pretrain.get_config()
+  c.pretrain.train.update(num_steps=300, eval_every=150, checkpoint_every=150)
 
   c.sft = sft.get_config()
-  c.sft.train.num_steps = 300
+  c.sft.train.update(num_steps=150, eval_every=0, checkpoint_every=150)
   c.sft.optimizer.learning_rate = 3e-4
 
   c.labels = ml_collections.ConfigDict()  # simulated annotators (experiments.label_preferences)
   c.labels.k = 4                # responses per prompt
   c.labels.temperature = 0.5    # annotator noise: P(a > b) = sigmoid((gold_a - gold_b) / T)
   c.labels.flip_rate = 0.0
-  c.labels.num_prompts = 2000   # train prompts (testbed 'train' prefixes)
+  c.labels.num_prompts = 1000   # train prompts (testbed 'train' prefixes)
   c.labels.num_test_prompts = 200
 
   c.reward = reward.get_config()
   c.reward.data.source = "dataset"
   c.reward.data.train_file = ""
   c.reward.data.seq_len = 96
-  c.reward.train.num_steps = 400
+  c.reward.train.update(num_steps=300, eval_every=0, checkpoint_every=300)
+  c.reward.optimizer.learning_rate = 1e-4
 
   c.ppo = ppo.get_config()
   c.ppo.ppo.reward = "model"
+  c.ppo.ppo.update(epochs=1, num_minibatches=2)
+  c.ppo.train.update(num_steps=40, eval_every=0, checkpoint_every=20)
+  c.ppo.optimizer.learning_rate = 1e-4
 
   c.dpo = dpo.get_config()
   c.dpo.data.source = "dataset"
   c.dpo.data.train_file = ""
   c.dpo.data.seq_len = 96
-  c.dpo.train.num_steps = 300
+  c.dpo.train.update(num_steps=200, eval_every=0, checkpoint_every=200)
 
   c.evaluation = ml_collections.ConfigDict()
   c.evaluation.num_prompts = 256  # held-out prompts per policy

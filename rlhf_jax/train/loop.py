@@ -115,7 +115,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage) -> dict:
       metrics_lib.truncate_jsonl(workdir, start)
       metrics_lib.log_console(f"resumed from step {start} in {workdir}")
     writer = metrics_lib.MetricWriter(workdir, config.stage)
-    if data.stats:
+    if data.stats and start == 0:   # once, so a resumed run's metrics.jsonl reads as one run
       writer.write(start, {f"data/{k}": v for k, v in data.stats.items()}, split="data")
 
     state_shardings = sharding_lib.shardings_of(state)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import base
 from configs import sft as sft_config
 from rlhf_jax import tokenizers
 from rlhf_jax.data import collate
@@ -25,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def small_config(**train):
   c = sft_config.get_config()
+  c.model = base.model_config("tiny")
   c.data.update(corpus_train=2000, corpus_test=200, batch_size=8, eval_batch_size=16, seq_len=96)
   c.train.update(num_steps=6, log_every=1, eval_every=0, checkpoint_every=3, eval_batches=2)
   c.train.update(**train)
@@ -121,3 +123,16 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
   config.data.update(source="jsonl", train_file=str(path))
   with pytest.raises(ValueError, match=r"demos.jsonl:2"):
     sources.demonstrations(config.data, str(tmp_path / "data"))
+
+
+def test_same_seed_same_metrics_bytes_other_seed_differs(tmp_path):
+  def metrics_bytes(name, seed):
+    config = small_config(num_steps=3, checkpoint_every=0, eval_batches=1)
+    config.seed = seed
+    config.data.data_dir = str(tmp_path / "data")
+    loop.train(config, str(tmp_path / name), sft)
+    return (tmp_path / name / "metrics.jsonl").read_bytes()
+
+  first = metrics_bytes("a", 0)
+  assert first == metrics_bytes("b", 0)
+  assert first != metrics_bytes("c", 1)
