@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from rlhf_jax.model import sampling
 from rlhf_jax.model import transformer
 from rlhf_jax.train import checkpoint as checkpoint_lib
 from rlhf_jax.train import sharding as sharding_lib
@@ -82,5 +83,8 @@ def average_over_batches(eval_step: Callable, state, batches: Iterable[dict], me
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:
-  """[batch, seq] mask -> positions counting real tokens from 0 (pads clipped to 0)."""
-  return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
+  """[batch, seq] mask -> positions counting real tokens from 0, for either padding side.
+
+  The sampler's formula (`sampling.prompt_positions`): one definition of positions.
+  """
+  return sampling.prompt_positions(mask)
