@@ -12,4 +12,6 @@ def get_config():
   c.ppo.samples_per_prompt = 4  # G: group size
   c.data.batch_size = 16        # prompts per iteration: 16 x 4 = 64 responses
   c.ppo.kl_coef = 0.04          # beta of the k3 KL term in the loss (Shao et al. 2024)
+  # Group-normalised advantages move faster than RLOO's: 1e-4 reached KL 27 nats in 40 iterations.
+  c.optimizer.learning_rate = 5e-5
   return c

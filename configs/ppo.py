@@ -16,12 +16,12 @@ from configs import base
 
 def ppo_config() -> ml_collections.ConfigDict:
   p = ml_collections.ConfigDict()
-  p.algorithm = "ppo"           # "ppo" (GAE, critic), "rloo" or "grpo" (k samples per prompt, no critic)
-  p.reward = "model"            # "model": the learned RM at reward_checkpoint; "gold": the testbed's VADER
+  p.algorithm = "ppo"           # "ppo" (GAE, critic); "rloo", "grpo": k samples a prompt, no critic
+  p.reward = "model"            # "model": the learned RM at reward_checkpoint; "gold": VADER
   p.reward_checkpoint = ""      # reward-stage workdir; its config.json gives the RM's architecture
-  p.critic = "separate"         # "separate": scalar-head model initialised from the RM (InstructGPT;
-                                # from the policy's checkpoint when there is no RM); "shared": a
-                                # value head on the policy's trunk
+  p.critic = "separate"         # "separate": scalar-head model initialised from the RM
+                                # (InstructGPT; from the policy's checkpoint when there is no RM);
+                                # "shared": a value head on the policy's trunk
   p.samples_per_prompt = 1      # k responses per prompt (RLOO / GRPO need >= 2)
   p.max_new_tokens = 48         # response length limit (prompt_len + this <= model.max_len)
   p.temperature = 1.0           # sampling temperature; training log-probs use logits / temperature
@@ -35,7 +35,7 @@ def ppo_config() -> ml_collections.ConfigDict:
   p.gamma = 1.0                 # discount
   p.lam = 0.95                  # GAE lambda
   p.kl_coef = 0.05              # beta: KL penalty coefficient (initial value when adaptive)
-  p.kl_estimator = "k1"         # per-token KL in the reward: "k1" log(pi/pi_ref) or "k3" (r-1) - log r
+  p.kl_estimator = "k1"         # per-token KL in the reward: "k1" log(pi/pi_ref), "k3" r-1-log r
   p.adaptive_kl = False         # Ziegler et al. 2019 adaptive controller towards kl_target
   p.kl_target = 6.0             # target sequence KL (nats) for the adaptive controller
   p.kl_horizon = 10000          # controller horizon (in responses)

@@ -69,7 +69,7 @@ def find_config_json(path: str) -> str:
 
 
 def reward_model_config(config: ml_collections.ConfigDict) -> transformer.TransformerConfig:
-  """The reward model's architecture, from its run's config.json (it may differ from the policy's)."""
+  """The reward model's architecture, from its run's config.json (may differ from the policy's)."""
   path = find_config_json(config.ppo.reward_checkpoint)
   with open(path) as f:
     saved = json.load(f)
@@ -77,7 +77,8 @@ def reward_model_config(config: ml_collections.ConfigDict) -> transformer.Transf
     raise ValueError(f"{path}: no 'model' section; cannot build the reward model")
   saved_tok = saved.get("tokenizer", {})
   ours = config.tokenizer.to_dict()
-  if saved_tok and (saved_tok.get("kind"), saved_tok.get("path", "")) != (ours["kind"], ours["path"]):
+  if saved_tok and ((saved_tok.get("kind"), saved_tok.get("path", ""))
+                    != (ours["kind"], ours["path"])):
     raise ValueError(f"{path}: the reward model was trained with tokenizer {saved_tok}, the "
                      f"policy uses config.tokenizer={ours}; they must be the same")
   try:

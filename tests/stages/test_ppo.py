@@ -43,7 +43,8 @@ def dirs(tmp_path_factory):
   # A non-zero head so that scores differ between responses.
   params["scalar_head"]["kernel"] = params["scalar_head"]["kernel"] * 50.0
   loop.write_config(config, rm_dir)
-  checkpoint_lib.save(checkpoint_lib.manager(rm_dir, 1), 1, {"step": jnp.zeros((), jnp.int32), "params": params}, {})
+  saved = {"step": jnp.zeros((), jnp.int32), "params": params}
+  checkpoint_lib.save(checkpoint_lib.manager(rm_dir, 1), 1, saved, {})
   return {"rm": rm_dir, "data": str(root / "data"), "root": root}
 
 
@@ -280,8 +281,8 @@ def test_shared_critic_is_a_value_head_on_the_policy(dirs):
   mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
   with jax.set_mesh(mesh):
     state = ppo.init(config, jax.random.key(0), mesh)
-    batch = jax.eval_shape(lambda: {
-        "prompt_tokens": jnp.zeros((8, 16), jnp.int32), "prompt_mask": jnp.ones((8, 16), jnp.int32)})
+    prompts = jax.ShapeDtypeStruct((8, 16), jnp.int32)
+    batch = {"prompt_tokens": prompts, "prompt_mask": prompts}
     _, metrics = jax.eval_shape(ppo.make_step(config), state, batch, jax.random.key(0))
   assert set(state.params) == {"policy"}
   head = jax.device_get(state.params["policy"]["scalar_head"])   # a new value head: V = 0
@@ -325,7 +326,8 @@ def test_wrong_reward_shape_is_a_clear_error(dirs, monkeypatch):
   score = reward_lib.score
   monkeypatch.setattr(reward_lib, "score", lambda *a: score(*a)[:, None])
   batch = sharding_lib.put_batch(next(ppo.make_data(config, config.data.data_dir).train), mesh)
-  with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"reward 'model' returned shape \(8, 1\), expected"):
+  expected = r"reward 'model' returned shape \(8, 1\), expected"
+  with jax.set_mesh(mesh), pytest.raises(ValueError, match=expected):
     jax.eval_shape(ppo.make_step(config), state, batch, jax.random.key(0))
   monkeypatch.setattr(gold_reward, "gold_reward", lambda texts: np.zeros((len(texts), 2)))
   with pytest.raises(ValueError, match="reward 'gold'.*expected 2 finite scores"):
