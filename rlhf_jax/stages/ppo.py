@@ -71,11 +71,6 @@ def make_data(config: ml_collections.ConfigDict, workdir: str) -> loop.Data:
 
 # ------------------------------------------------------------------------ init
 
-def _dummy_inputs(length: int = 8):
-  tokens = jnp.zeros((1, length), jnp.int32)
-  return tokens, tokens, jnp.ones((1, length), jnp.int32)
-
-
 def _lm_only(params):
   return {k: v for k, v in params.items() if k != "scalar_head"}
 
@@ -98,12 +93,12 @@ def init(config: ml_collections.ConfigDict, rng: jax.Array, mesh) -> state_lib.T
 
   def init_fn(r):
     r_policy, r_critic, r_reward = jax.random.split(r, 3)
-    params = {"policy": models.policy.init(r_policy, *_dummy_inputs())["params"]}
+    params = {"policy": models.policy.init(r_policy, *common.dummy_inputs())["params"]}
     if models.critic is not None:
-      params["critic"] = models.critic.init(r_critic, *_dummy_inputs())["params"]
+      params["critic"] = models.critic.init(r_critic, *common.dummy_inputs())["params"]
     extras = {"kl_coef": jnp.asarray(pc.kl_coef, jnp.float32)}
     if models.reward is not None:
-      extras["reward"] = models.reward.init(r_reward, *_dummy_inputs())["params"]
+      extras["reward"] = models.reward.init(r_reward, *common.dummy_inputs())["params"]
     return state_lib.TrainState.create(params=params, tx=tx, extras=extras)
 
   state, _ = sharding_lib.init_sharded(init_fn, rng, mesh, sharding_lib.rules(config))
