@@ -31,7 +31,6 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import time
 
 from absl import app
@@ -54,6 +53,7 @@ from rlhf_jax.stages import common
 from rlhf_jax.stages import dpo
 from rlhf_jax.stages import reward
 from rlhf_jax.stages import sft
+from rlhf_jax.train import loop
 from rlhf_jax.train import sharding as sharding_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -168,12 +168,7 @@ def bench_train_step(name, stage, config, host_batch, tokens, model_flops, bc) -
   mesh = sharding_lib.make_mesh(config.mesh)
   with jax.set_mesh(mesh):
     state = stage.init(config, jax.random.key(0), mesh)
-    shardings = sharding_lib.shardings_of(state)
-    step = jax.jit(stage.make_step(config),
-                   in_shardings=(shardings, sharding_lib.batch_sharding(mesh),
-                                 sharding_lib.replicated(mesh)),
-                   out_shardings=(shardings, sharding_lib.replicated(mesh)),
-                   donate_argnums=(0,))
+    step = loop.jit_step(stage, config, state, mesh)
     batch = sharding_lib.put_batch(host_batch, mesh)
     start = time.perf_counter()
     compiled = step.lower(state, batch, jax.random.key(0)).compile()

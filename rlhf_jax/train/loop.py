@@ -96,6 +96,17 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   return tuple(jax.random.split(jax.random.key(seed), 3))
 
 
+def jit_step(stage, config: ml_collections.ConfigDict, state, mesh):
+  """`stage.make_step(config)` jitted with the state's shardings, batch split over the batch
+  axes, replicated rng and metrics, and the state donated."""
+  shardings = sharding_lib.shardings_of(state)
+  return jax.jit(stage.make_step(config),
+                 in_shardings=(shardings, sharding_lib.batch_sharding(mesh),
+                               sharding_lib.replicated(mesh)),
+                 out_shardings=(shardings, sharding_lib.replicated(mesh)),
+                 donate_argnums=(0,))
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, stage) -> dict:
   """Runs (or resumes) `stage` for config.train.num_steps; returns the last eval metrics."""
   mesh = sharding_lib.make_mesh(config.mesh)
@@ -118,12 +129,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage) -> dict:
     if data.stats and start == 0:   # once, so a resumed run's metrics.jsonl reads as one run
       writer.write(start, {f"data/{k}": v for k, v in data.stats.items()}, split="data")
 
-    state_shardings = sharding_lib.shardings_of(state)
-    step_fn = jax.jit(stage.make_step(config),
-                      in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh),
-                                    sharding_lib.replicated(mesh)),
-                      out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
-                      donate_argnums=(0,))
+    step_fn = jit_step(stage, config, state, mesh)
 
     def run_eval(step):
       if data.eval is None:

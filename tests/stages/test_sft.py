@@ -38,10 +38,7 @@ def run_steps(config, workdir, mesh, num_steps):
   data = sft.make_data(config, workdir)
   with jax.set_mesh(mesh):
     state = sft.init(config, jax.random.key(0), mesh)
-    shardings = sharding_lib.shardings_of(state)
-    step = jax.jit(sft.make_step(config), in_shardings=(
-        shardings, sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)),
-                   out_shardings=(shardings, sharding_lib.replicated(mesh)))
+    step = loop.jit_step(sft, config, state, mesh)
     losses = []
     for i in range(num_steps):
       state, metrics = step(state, sharding_lib.put_batch(next(data.train), mesh),
