@@ -1,6 +1,6 @@
 r"""The whole pipeline on the sentiment testbed, one command:
 
-  python -m experiments.pipeline --workdir=runs/pipeline [--config.quick=True]
+  python -m experiments.pipeline --workdir=runs/pipeline [--config.quick=True] [--until=reward]
 
 pretrain -> sft -> labels (simulated annotators) -> reward -> ppo -> dpo -> evaluation,
 each stage in its own subdirectory, chained through checkpoints. Re-running skips
@@ -24,6 +24,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(pipeline_config.__file__), "pipeline.py"),
     "The pipeline config.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Root directory; one subdirectory per stage.")
+_UNTIL = flags.DEFINE_enum("until", "evaluation", ["reward", "evaluation"],
+                           "'reward' stops after the reward model and its report.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -31,7 +33,7 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  pipeline.run(_CONFIG.value, _WORKDIR.value)
+  pipeline.run(_CONFIG.value, _WORKDIR.value, until=_UNTIL.value)
 
 
 if __name__ == "__main__":

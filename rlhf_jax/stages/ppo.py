@@ -299,7 +299,7 @@ def _eval_fn(models: rollout_lib.Models, max_new_tokens: int, eos_id: int, pad_i
            "logprobs": sample.logprobs, "ref_logprobs": ref}
     if models.reward is not None:
       out["rm_score"] = reward_lib.score(models.reward, extras["reward"], sample.tokens,
-                                         sample.mask)
+                                         sample.mask, models.reward_pooling)
     return out
   return fn
 

@@ -1,9 +1,11 @@
 """Reward modelling: a scalar head on the transformer, Bradley-Terry loss on preference pairs.
 
-The reward of a sequence is the scalar head's output at its last real token.
-Chosen and rejected sequences go through the model in one batched forward pass.
-`score(model, params, tokens, mask) -> [batch]` is the trained reward model as a
-plain function, for PPO and evaluation.
+The reward of a sequence is the scalar head's output at its last real token
+(InstructGPT), or with `config.reward.pooling = 'sum'` the sum of the head's outputs
+over every real token (a token-level reward model). Chosen and rejected sequences go
+through the model in one batched forward pass. `score(model, params, tokens, mask,
+pooling) -> [batch]` is the trained reward model as a plain function, for PPO and
+evaluation; `pooling_of(run_config)` reads a reward run's pooling.
 """
 
 import functools
@@ -26,6 +28,7 @@ from rlhf_jax.train import state as state_lib
 from rlhf_jax.train import step as step_lib
 
 HEADS = ("scalar",)
+POOLINGS = ("last", "sum")
 
 
 def last_token_index(mask: jax.Array) -> jax.Array:
@@ -34,19 +37,33 @@ def last_token_index(mask: jax.Array) -> jax.Array:
   return seq - 1 - jnp.argmax(mask[:, ::-1] != 0, axis=-1)
 
 
-def score(model, params, tokens: jax.Array, mask: jax.Array) -> jax.Array:
-  """Rewards [batch] float32 of sequences tokens/mask [batch, seq] (left- or right-padded)."""
+def score(model, params, tokens: jax.Array, mask: jax.Array, pooling: str = "last") -> jax.Array:
+  """Rewards [batch] float32 of sequences tokens/mask [batch, seq] (left- or right-padded).
+
+  pooling 'last': the scalar head at the last real token. 'sum': the scalar head summed
+  over the real tokens; under causal attention a shared prompt adds the same amount to
+  both sequences of a pair, so only the responses decide a comparison.
+  """
+  if pooling not in POOLINGS:
+    raise ValueError(f"config.reward.pooling: expected one of {POOLINGS}, got {pooling!r}")
   positions = common.positions_from_mask(mask)
   outputs, _ = model.apply({"params": params}, tokens, positions, mask)
+  if pooling == "sum":
+    return jnp.sum(jnp.where(mask != 0, outputs["scalar"], 0.0), axis=-1)
   index = last_token_index(mask)
   return jnp.take_along_axis(outputs["scalar"], index[:, None], axis=-1)[:, 0]
 
 
-def pair_rewards(model, params, batch: dict) -> tuple[jax.Array, jax.Array]:
+def pooling_of(run_config) -> str:
+  """The pooling of a reward run from its (dict or ConfigDict) config; 'last' if unset."""
+  return dict(run_config.get("reward") or {}).get("pooling", "last")
+
+
+def pair_rewards(model, params, batch: dict, pooling: str = "last") -> tuple[jax.Array, jax.Array]:
   """(r_chosen, r_rejected) [batch] from one forward pass over the stacked pairs."""
   tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])
   mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
-  rewards = score(model, params, tokens, mask)
+  rewards = score(model, params, tokens, mask, pooling)
   n = batch["chosen_tokens"].shape[0]
   return rewards[:n], rewards[n:]
 
@@ -94,11 +111,22 @@ def make_data(config, workdir):
 
 
 def init(config, rng, mesh):
-  return common.init_state(config, common.make_model(config, HEADS), rng, mesh)
+  """The reward model from `config.init`; with `config.reward.zero_head` its scalar head
+  starts at 0, so every reward starts at 0 (a summed random head would start at +-10)."""
+  if config.reward.pooling not in POOLINGS:
+    raise ValueError(f"config.reward.pooling: expected one of {POOLINGS}, "
+                     f"got {config.reward.pooling!r}")
+  state = common.init_state(config, common.make_model(config, HEADS), rng, mesh)
+  if not config.reward.zero_head:
+    return state
+  head = state.params["scalar_head"]
+  zero = jax.jit(lambda h: jax.tree.map(jnp.zeros_like, h),
+                 out_shardings=sharding_lib.shardings_of(head))
+  return state.replace(params=dict(state.params, scalar_head=zero(head)))
 
 
 def loss_terms(config, model, params, batch):
-  r_chosen, r_rejected = pair_rewards(model, params, batch)
+  r_chosen, r_rejected = pair_rewards(model, params, batch, config.reward.pooling)
   rc = config.reward
   return bradley_terry.bradley_terry_loss(
       r_chosen, r_rejected, margin=batch["margin"] if rc.use_margin else None,
@@ -119,8 +147,8 @@ def make_step(config):
 
 
 @functools.cache
-def _pair_rewards_fn(model):
-  return jax.jit(lambda params, batch: pair_rewards(model, params, batch))
+def _pair_rewards_fn(model, pooling):
+  return jax.jit(lambda params, batch: pair_rewards(model, params, batch, pooling))
 
 
 def evaluate(config, state, data, mesh, rng):
@@ -130,7 +158,7 @@ def evaluate(config, state, data, mesh, rng):
   of them at once on the host.
   """
   del rng
-  fn = _pair_rewards_fn(common.make_model(config, HEADS))
+  fn = _pair_rewards_fn(common.make_model(config, HEADS), config.reward.pooling)
   columns = {"r_chosen": [], "r_rejected": [], "valid": [], "margin": [], "gold": []}
   for batch in data.eval():
     batch = sharding_lib.put_batch(batch, mesh)   # multi-host: gather outputs and columns alike

@@ -49,11 +49,13 @@ class Models:
   reference: the policy's trunk with the 'lm' head only (frozen params in extras).
   critic: a separate scalar-head model, or None (shared value head, RLOO, GRPO).
   reward: the learned reward model, or None (gold reward).
+  reward_pooling: how the reward model reads its scalar head (`reward.score`).
   """
   policy: transformer.Transformer
   reference: transformer.Transformer
   critic: transformer.Transformer | None
   reward: transformer.Transformer | None
+  reward_pooling: str = "last"
 
 
 def find_config_json(path: str) -> str:
@@ -68,8 +70,10 @@ def find_config_json(path: str) -> str:
                    "config.json (written by the training loop)")
 
 
-def reward_model_config(config: ml_collections.ConfigDict) -> transformer.TransformerConfig:
-  """The reward model's architecture, from its run's config.json (may differ from the policy's)."""
+def reward_model_config(
+    config: ml_collections.ConfigDict) -> tuple[transformer.TransformerConfig, str]:
+  """The reward model's architecture (may differ from the policy's) and its pooling
+  (`reward.score`), from its run's config.json."""
   path = find_config_json(config.ppo.reward_checkpoint)
   with open(path) as f:
     saved = json.load(f)
@@ -81,8 +85,11 @@ def reward_model_config(config: ml_collections.ConfigDict) -> transformer.Transf
                     != (ours["kind"], ours["path"])):
     raise ValueError(f"{path}: the reward model was trained with tokenizer {saved_tok}, the "
                      f"policy uses config.tokenizer={ours}; they must be the same")
+  pooling = reward_lib.pooling_of(saved)
+  if pooling not in reward_lib.POOLINGS:
+    raise ValueError(f"{path}: reward.pooling={pooling!r} is not one of {reward_lib.POOLINGS}")
   try:
-    return transformer.TransformerConfig.from_dict(saved["model"])
+    return transformer.TransformerConfig.from_dict(saved["model"]), pooling
   except ValueError as e:
     raise ValueError(f"{path}: {e}") from e
 
@@ -93,7 +100,7 @@ def make_models(config: ml_collections.ConfigDict) -> Models:
   check_config(config)
   policy_config = transformer.TransformerConfig.from_dict(config.model)
   shared = pc.algorithm == "ppo" and pc.critic == "shared"
-  rm_config = reward_model_config(config) if pc.reward_checkpoint else None
+  rm_config, pooling = reward_model_config(config) if pc.reward_checkpoint else (None, "last")
   reward = None
   if pc.reward == "model":
     reward = transformer.Transformer(rm_config, heads=reward_lib.HEADS)
@@ -111,7 +118,7 @@ def make_models(config: ml_collections.ConfigDict) -> Models:
   return Models(
       policy=transformer.Transformer(policy_config, heads=("lm", "scalar") if shared else ("lm",)),
       reference=transformer.Transformer(policy_config, heads=("lm",)),
-      critic=critic, reward=reward)
+      critic=critic, reward=reward, reward_pooling=pooling)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -209,10 +216,10 @@ def replicated(x: jax.Array) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec())
 
 
-def model_reward_fn(model) -> RewardFn:
-  """The learned reward model, in-graph: its score at the last real token."""
+def model_reward_fn(model, pooling: str = "last") -> RewardFn:
+  """The learned reward model, in-graph (`reward.score`)."""
   def reward_fn(extras, sample):
-    return reward_lib.score(model, extras["reward"], sample.tokens, sample.mask)
+    return reward_lib.score(model, extras["reward"], sample.tokens, sample.mask, pooling)
   return reward_fn
 
 
@@ -263,7 +270,7 @@ def check_gold_reward() -> None:
 
 def make_reward_fn(config: ml_collections.ConfigDict, models: Models) -> RewardFn:
   if config.ppo.reward == "model":
-    return model_reward_fn(models.reward)
+    return model_reward_fn(models.reward, models.reward_pooling)
   check_gold_reward()
   return gold_reward_fn(tokenizers.make_tokenizer(config.tokenizer))
 

@@ -343,3 +343,20 @@ def test_config_errors_name_the_field(dirs):
     rollout_lib.make_models(tiny_config(dirs, reward_checkpoint=""))
   with pytest.raises(ValueError, match="policy: max_len=32"):
     rollout_lib.make_models(tiny_config(dirs, max_new_tokens=20))
+
+
+def test_reward_pooling_comes_from_the_reward_runs_config(dirs, tmp_path):
+  assert rollout_lib.make_models(tiny_config(dirs)).reward_pooling == "last"   # no field: last
+  with open(os.path.join(dirs["rm"], "config.json")) as f:
+    saved = json.load(f)
+  for pooling in ("sum", "mean"):
+    rm_dir = tmp_path / pooling
+    rm_dir.mkdir()
+    with open(rm_dir / "config.json", "w") as f:
+      json.dump(dict(saved, reward={"pooling": pooling}), f)
+    config = tiny_config(dirs, reward_checkpoint=str(rm_dir))
+    if pooling == "sum":
+      assert rollout_lib.make_models(config).reward_pooling == "sum"
+    else:
+      with pytest.raises(ValueError, match=r"config.json: reward.pooling='mean'"):
+        rollout_lib.make_models(config)

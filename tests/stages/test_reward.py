@@ -3,11 +3,13 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import reward as reward_config
 from rlhf_jax.stages import common
 from rlhf_jax.stages import reward
 from rlhf_jax.train import loop
+from rlhf_jax.train import sharding as sharding_lib
 from tests.stages.pairs import pair_config
 
 
@@ -39,6 +41,42 @@ def test_reward_read_at_last_real_token_either_padding_side(tmp_path):
   assert abs(float(r_right[0] - r_right[1])) > 1e-4     # the two rewards do differ
 
 
+def test_sum_pooling_sums_the_token_scalars_of_real_tokens_only(tmp_path):
+  config = pair_config(reward_config, tmp_path)
+  model, params = _model_and_params(config)
+  seqs = [[1, 40, 50, 60, 70, 2], [1, 80, 90, 2]]
+  length = 9
+  right = np.zeros((2, length), np.int32)
+  left = np.zeros((2, length), np.int32)
+  for i, s in enumerate(seqs):
+    right[i, :len(s)] = s
+    left[i, length - len(s):] = s
+  for padded in (right, left):
+    rewards = reward.score(model, params, jnp.asarray(padded),
+                           jnp.asarray(padded != 0, jnp.int32), pooling="sum")
+    for i, s in enumerate(seqs):
+      tokens = jnp.asarray([s])
+      out, _ = model.apply({"params": params}, tokens, jnp.arange(len(s))[None],
+                           jnp.ones_like(tokens))
+      np.testing.assert_allclose(rewards[i], np.sum(np.asarray(out["scalar"][0], np.float64)),
+                                 rtol=1e-5, atol=1e-5)
+
+
+def test_zero_head_starts_every_reward_at_zero_and_bad_pooling_is_named(tmp_path):
+  config = pair_config(reward_config, tmp_path)
+  config.reward.pooling = "sum"
+  mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
+  state = reward.init(config, jax.random.key(0), mesh)
+  model = common.make_model(config, reward.HEADS)
+  tokens = jnp.asarray([[1, 40, 50, 2], [1, 60, 2, 0]])
+  np.testing.assert_array_equal(reward.score(model, state.params, tokens, (tokens != 0)
+                                             .astype(jnp.int32), "sum"), 0.0)
+  assert np.any(np.asarray(state.params["embed"]["embedding"]) != 0)   # only the head is zeroed
+  config.reward.pooling = "mean"
+  with pytest.raises(ValueError, match="config.reward.pooling"):
+    reward.init(config, jax.random.key(0), mesh)
+
+
 def test_stage_loss_is_bradley_terry_with_margin_and_centring(tmp_path):
   config = pair_config(reward_config, tmp_path)
   config.reward.update(use_margin=True, center_coef=0.3)
@@ -53,7 +91,7 @@ def test_stage_loss_is_bradley_terry_with_margin_and_centring(tmp_path):
 
 
 def test_reward_model_learns_pairs_and_counts(tmp_path):
-  config = pair_config(reward_config, tmp_path, num_steps=30)
+  config = pair_config(reward_config, tmp_path, num_steps=40)
   config.optimizer.learning_rate = 3e-3
   metrics = loop.train(config, str(tmp_path / "run"), reward)
   assert metrics["num_pairs"] == 5       # 10% of 48 pairs held out
