@@ -115,7 +115,7 @@ def reward_model_report(config, root: str, dirs: dict[str, str]) -> dict:
   the reward stage's held-out pair metrics. Written to `<reward>/gold_correlation.json`."""
   sft_config, model, params = policy_lib.load_policy(dirs["sft"])
   prompts = policy_lib.heldout_prompts(sft_config, os.path.join(root, "data"), "test",
-                                       config.evaluation.num_prompts)
+                                       config.evaluation.reward_samples)
   out = policy_lib.generate(model, params, prompts, policy_lib.make_tokenizer(sft_config),
                             jax.random.key(config.seed + 2), **eval_sampling(config, sft_config))
   reward_dir = dirs["reward"]
