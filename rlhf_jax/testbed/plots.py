@@ -58,27 +58,36 @@ def overoptimization(panels: dict[str, list[dict]], fits: dict, path: str) -> No
 
 
 def training_curves(runs: dict[str, list[dict]], path: str) -> None:
-  """Gold reward and KL to the reference against the iteration, one line per run.
+  """Gold reward and KL to the reference against the iteration, and gold against KL.
 
   runs: label -> eval rows of a metrics.jsonl (keys step, gold_mean, gold_stderr, kl,
   kl_stderr), e.g. PPO against the learned reward model and against the gold reward.
   """
-  fig, (ax_gold, ax_kl) = plt.subplots(1, 2, figsize=(11, 4.2))
+  fig, (ax_gold, ax_kl, ax_front) = plt.subplots(1, 3, figsize=(15, 4.4))
   for i, (label, rows) in enumerate(runs.items()):
     rows = sorted(rows, key=lambda r: r["step"])
     step = np.array([r["step"] for r in rows])
+    values = {}
     for ax, key in ((ax_gold, "gold"), (ax_kl, "kl")):
       mean = np.array([r[f"{key}_mean" if key == "gold" else key] for r in rows], float)
       err = np.array([r.get(f"{key}_stderr", 0.0) for r in rows], float)
+      values[key] = mean, err
       ax.plot(step, mean, "o-", color=f"C{i}", ms=4, label=label)
       ax.fill_between(step, mean - err, mean + err, color=f"C{i}", alpha=0.2)
-  ax_gold.set_ylabel("mean gold reward on held-out prompts (± s.e.)")
-  ax_kl.set_ylabel("KL(policy || SFT reference), nats per response (± s.e.)")
+    ax_front.errorbar(values["kl"][0], values["gold"][0], xerr=values["kl"][1],
+                      yerr=values["gold"][1], fmt="o-", color=f"C{i}", ms=4, capsize=2,
+                      label=label)
+  ax_gold.set_ylabel("mean gold reward, held-out prompts")
+  ax_kl.set_ylabel("KL to the SFT reference (nats)")
   for ax in (ax_gold, ax_kl):
     ax.set_xlabel("iteration")
+  ax_front.set_xlabel("KL to the SFT reference (nats)")
+  ax_front.set_ylabel("mean gold reward, held-out prompts")
+  for ax in (ax_gold, ax_kl, ax_front):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  fig.suptitle("RL on the sentiment testbed: gold reward and KL during training")
+  fig.suptitle("RL on the sentiment testbed: gold reward and KL during training "
+               "(bands and bars: ± 1 s.e.)")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
