@@ -38,6 +38,10 @@ def test_pipeline_quick_writes_its_table_and_skips_when_rerun(pipeline_dir):
     assert r["kl"] is None or r["kl"] > -1.0, name
   assert abs(results["sft"]["kl"]) < 1e-6       # the SFT policy against itself
   assert "| ppo |" in open(os.path.join(pipeline_dir, "results.md")).read()
+  with open(os.path.join(pipeline_dir, "reward", "gold_correlation.json")) as f:
+    report = json.load(f)
+  assert report["samples"] == 64 and -1.0 <= report["pearson"] <= 1.0
+  assert -1.0 <= report["spearman"] <= 1.0 and "accuracy" in report["heldout_pairs"]
   again = run(["experiments.pipeline", f"--workdir={pipeline_dir}", "--config.quick=True"])
   for stage in ("pretrain", "sft", "labels", "reward", "ppo", "dpo"):
     assert f"{stage}: finished earlier, skipped" in again

@@ -37,6 +37,11 @@ def last_token_index(mask: jax.Array) -> jax.Array:
   return seq - 1 - jnp.argmax(mask[:, ::-1] != 0, axis=-1)
 
 
+def check_pooling(pooling: str, field: str = "config.reward.pooling") -> None:
+  if pooling not in POOLINGS:
+    raise ValueError(f"{field}: expected one of {POOLINGS}, got {pooling!r}")
+
+
 def score(model, params, tokens: jax.Array, mask: jax.Array, pooling: str = "last") -> jax.Array:
   """Rewards [batch] float32 of sequences tokens/mask [batch, seq] (left- or right-padded).
 
@@ -44,8 +49,7 @@ def score(model, params, tokens: jax.Array, mask: jax.Array, pooling: str = "las
   over the real tokens; under causal attention a shared prompt adds the same amount to
   both sequences of a pair, so only the responses decide a comparison.
   """
-  if pooling not in POOLINGS:
-    raise ValueError(f"config.reward.pooling: expected one of {POOLINGS}, got {pooling!r}")
+  check_pooling(pooling)
   positions = common.positions_from_mask(mask)
   outputs, _ = model.apply({"params": params}, tokens, positions, mask)
   if pooling == "sum":
@@ -113,9 +117,7 @@ def make_data(config, workdir):
 def init(config, rng, mesh):
   """The reward model from `config.init`; with `config.reward.zero_head` its scalar head
   starts at 0, so every reward starts at 0 (a summed random head would start at +-10)."""
-  if config.reward.pooling not in POOLINGS:
-    raise ValueError(f"config.reward.pooling: expected one of {POOLINGS}, "
-                     f"got {config.reward.pooling!r}")
+  check_pooling(config.reward.pooling)
   state = common.init_state(config, common.make_model(config, HEADS), rng, mesh)
   if not config.reward.zero_head:
     return state

@@ -358,5 +358,6 @@ def test_reward_pooling_comes_from_the_reward_runs_config(dirs, tmp_path):
     if pooling == "sum":
       assert rollout_lib.make_models(config).reward_pooling == "sum"
     else:
-      with pytest.raises(ValueError, match=r"config.json: reward.pooling='mean'"):
+      with pytest.raises(ValueError,
+                         match=r"config.json: reward.pooling: expected one of .*, got 'mean'"):
         rollout_lib.make_models(config)
