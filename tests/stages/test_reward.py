@@ -21,19 +21,26 @@ def _model_and_params(config):
                              is_leaf=lambda x: hasattr(x, "value"))
 
 
-def test_reward_read_at_last_real_token_either_padding_side(tmp_path):
-  config = pair_config(reward_config, tmp_path)
-  model, params = _model_and_params(config)
-  seqs = [[1, 40, 50, 60, 70, 2], [1, 80, 90, 2]]
-  length = 9
-  right = np.zeros((2, length), np.int32)
-  left = np.zeros((2, length), np.int32)
+SEQS = [[1, 40, 50, 60, 70, 2], [1, 80, 90, 2]]
+
+
+def _padded_both_sides(seqs, length):
+  """[len(seqs), length] int32 right- and left-padded copies of `seqs`."""
+  right = np.zeros((len(seqs), length), np.int32)
+  left = np.zeros((len(seqs), length), np.int32)
   for i, s in enumerate(seqs):
     right[i, :len(s)] = s
     left[i, length - len(s):] = s
+  return right, left
+
+
+def test_reward_read_at_last_real_token_either_padding_side(tmp_path):
+  config = pair_config(reward_config, tmp_path)
+  model, params = _model_and_params(config)
+  right, left = _padded_both_sides(SEQS, length=9)
   r_right = reward.score(model, params, jnp.asarray(right), jnp.asarray(right != 0, jnp.int32))
   r_left = reward.score(model, params, jnp.asarray(left), jnp.asarray(left != 0, jnp.int32))
-  for i, s in enumerate(seqs):   # unpadded, one sequence at a time
+  for i, s in enumerate(SEQS):   # unpadded, one sequence at a time
     tokens = jnp.asarray([s])
     out, _ = model.apply({"params": params}, tokens, jnp.arange(len(s))[None], jnp.ones_like(tokens))
     np.testing.assert_allclose(r_right[i], out["scalar"][0, -1], atol=1e-5)
@@ -44,17 +51,11 @@ def test_reward_read_at_last_real_token_either_padding_side(tmp_path):
 def test_sum_pooling_sums_the_token_scalars_of_real_tokens_only(tmp_path):
   config = pair_config(reward_config, tmp_path)
   model, params = _model_and_params(config)
-  seqs = [[1, 40, 50, 60, 70, 2], [1, 80, 90, 2]]
-  length = 9
-  right = np.zeros((2, length), np.int32)
-  left = np.zeros((2, length), np.int32)
-  for i, s in enumerate(seqs):
-    right[i, :len(s)] = s
-    left[i, length - len(s):] = s
+  right, left = _padded_both_sides(SEQS, length=9)
   for padded in (right, left):
     rewards = reward.score(model, params, jnp.asarray(padded),
                            jnp.asarray(padded != 0, jnp.int32), pooling="sum")
-    for i, s in enumerate(seqs):
+    for i, s in enumerate(SEQS):
       tokens = jnp.asarray([s])
       out, _ = model.apply({"params": params}, tokens, jnp.arange(len(s))[None],
                            jnp.ones_like(tokens))
