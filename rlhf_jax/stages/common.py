@@ -52,6 +52,13 @@ def init_state(config: ml_collections.ConfigDict, model: transformer.Transformer
   return state
 
 
+def zero_scalar_head(params: dict) -> dict:
+  """`params` with its 'scalar_head' zeroed (same shardings): rewards and values start at 0."""
+  head = jax.jit(lambda h: jax.tree.map(jnp.zeros_like, h),
+                 out_shardings=sharding_lib.shardings_of(params["scalar_head"]))
+  return dict(params, scalar_head=head(params["scalar_head"]))
+
+
 def load_initial_params(config: ml_collections.ConfigDict, params: Any) -> Any:
   """Params from `config.init.checkpoint` / `config.init.hf_dir` merged onto `params`."""
   if config.init.checkpoint and config.init.hf_dir:

@@ -75,14 +75,6 @@ def _lm_only(params):
   return {k: v for k, v in params.items() if k != "scalar_head"}
 
 
-def _zero_value_head(params):
-  """A value head that is not the reward model's starts at V = 0: advantages then begin as
-  (whitened) returns, not returns minus a random function of the prefix."""
-  head = jax.jit(lambda h: jax.tree.map(jnp.zeros_like, h),
-                 out_shardings=sharding_lib.shardings_of(params["scalar_head"]))
-  return dict(params, scalar_head=head(params["scalar_head"]))
-
-
 def init(config: ml_collections.ConfigDict, rng: jax.Array, mesh) -> state_lib.TrainState:
   """Policy from `config.init`, frozen reference = a copy of it, reward model and critic
   from `config.ppo.reward_checkpoint`. Without a reward checkpoint the separate critic is
@@ -106,12 +98,15 @@ def init(config: ml_collections.ConfigDict, rng: jax.Array, mesh) -> state_lib.T
   params["policy"] = common.load_initial_params(config, params["policy"])
   if models.reward is not None:
     extras["reward"] = checkpoint_lib.load_params(pc.reward_checkpoint, extras["reward"])
+  # A value head not from the reward model starts at V = 0: advantages then begin as
+  # (whitened) returns, not returns minus a random function of the prefix.
   if models.critic is not None:
     params["critic"] = (checkpoint_lib.load_params(pc.reward_checkpoint, params["critic"])
                         if pc.reward_checkpoint
-                        else _zero_value_head(common.load_initial_params(config, params["critic"])))
+                        else common.zero_scalar_head(
+                            common.load_initial_params(config, params["critic"])))
   elif "scalar_head" in params["policy"]:   # shared critic: a new value head on the policy
-    params["policy"] = _zero_value_head(params["policy"])
+    params["policy"] = common.zero_scalar_head(params["policy"])
   # The reference owns its buffers: the policy's are donated to every step.
   reference = _lm_only(params["policy"])
   copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t),

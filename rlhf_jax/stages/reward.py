@@ -121,10 +121,7 @@ def init(config, rng, mesh):
   state = common.init_state(config, common.make_model(config, HEADS), rng, mesh)
   if not config.reward.zero_head:
     return state
-  head = state.params["scalar_head"]
-  zero = jax.jit(lambda h: jax.tree.map(jnp.zeros_like, h),
-                 out_shardings=sharding_lib.shardings_of(head))
-  return state.replace(params=dict(state.params, scalar_head=zero(head)))
+  return state.replace(params=common.zero_scalar_head(state.params))
 
 
 def loss_terms(config, model, params, batch):
