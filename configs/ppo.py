@@ -16,7 +16,8 @@ from configs import base
 
 def ppo_config() -> ml_collections.ConfigDict:
   p = ml_collections.ConfigDict()
-  p.algorithm = "ppo"           # "ppo" (GAE, critic); "rloo", "grpo": k samples a prompt, no critic
+  p.algorithm = "ppo"           # "ppo" (GAE, critic); "rloo", "grpo": k samples a prompt, no critic;
+                                # "online_dpo": DPO on the best and worst of k samples a prompt
   p.reward = "model"            # "model": the learned RM at reward_checkpoint; "gold": VADER
   p.reward_checkpoint = ""      # reward-stage workdir; its config.json gives the RM's architecture
   p.critic = "separate"         # "separate": scalar-head model initialised from the RM
@@ -34,7 +35,9 @@ def ppo_config() -> ml_collections.ConfigDict:
   p.entropy_coef = 0.0          # entropy bonus weight
   p.gamma = 1.0                 # discount
   p.lam = 0.95                  # GAE lambda
-  p.kl_coef = 0.05              # beta: KL penalty coefficient (initial value when adaptive)
+  p.kl_coef = 0.05              # beta: KL penalty coefficient (initial value when adaptive);
+                                # online_dpo: DPO's beta, the KL weight of the objective it solves
+  p.dpo_loss = "sigmoid"        # online_dpo's loss: sigmoid (DPO), ipo, hinge, robust
   p.kl_estimator = "k1"         # per-token KL in the reward: "k1" log(pi/pi_ref), "k3" r-1-log r
   p.adaptive_kl = False         # Ziegler et al. 2019 adaptive controller towards kl_target
   p.kl_target = 6.0             # target sequence KL (nats) for the adaptive controller

@@ -28,6 +28,9 @@ _REFERENCE = flags.DEFINE_string("reference", "", "Workdir of the reference run;
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", None, "Held-out prompts (default: "
                                     "sampling.eval_prompts).")
 _OUT = flags.DEFINE_string("out", "", "JSON file to write; '' only prints.")
+_PROMPTS_FROM = flags.DEFINE_string(
+    "prompts_from", "", "Run whose config names the prompt data; '' means the policy's, or the "
+    "reference's when the policy trained on preference pairs (a DPO or reward run).")
 _SPLIT = flags.DEFINE_string("split", "test", "Prompt split ('test': prefixes of held-out reviews).")
 _PROMPT = flags.DEFINE_enum("prompt", "heldout", ["heldout", "unconditional"],
                             "heldout: review prefixes; unconditional: BOS only.")
@@ -43,8 +46,23 @@ _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 4, "Samples kept in the JSON.
 flags.mark_flags_as_required(["policy"])
 
 
+PAIR_STAGES = ("dpo", "reward")   # stages whose data are preference pairs, not prompts
+
+
+def prompts_run(policy_path: str, reference_path: str = "", prompts_from: str = "") -> str:
+  """The run whose config gives the held-out prompts (see --prompts_from)."""
+  if prompts_from:
+    return prompts_from
+  if policy_lib.read_config(policy_path).get("stage") in PAIR_STAGES:
+    if not reference_path:
+      raise ValueError(f"{policy_path}: a {policy_lib.read_config(policy_path).stage} run has "
+                       "preference pairs, not prompts; pass --reference or --prompts_from")
+    return reference_path
+  return policy_path
+
+
 def evaluate(policy_path: str, reference_path: str = "", *, num_prompts: int | None = None,
-             split: str = "test", unconditional: bool = False, seed: int = 0,
+             prompts_from: str = "", split: str = "test", unconditional: bool = False, seed: int = 0,
              data_dir: str = "", num_samples: int = 4, **sampling) -> dict:
   """`policy_lib.evaluate_policy` on checkpoints; sampling options None -> the config's."""
   config = policy_lib.read_config(policy_path)
@@ -54,12 +72,14 @@ def evaluate(policy_path: str, reference_path: str = "", *, num_prompts: int | N
                  top_k=options["top_k"], top_p=options["top_p"],
                  batch_size=options["eval_batch_size"])
   options.update({k: v for k, v in sampling.items() if v is not None})
-  prompt_len = config.data.prompt_len
+  source = prompts_run(policy_path, reference_path, prompts_from)
+  prompt_config = policy_lib.read_config(source)
+  prompt_len = prompt_config.data.prompt_len
   if unconditional:
     prompts, prompt_len = [""] * num_prompts, 1
   else:
     prompts = policy_lib.heldout_prompts(
-        config, data_dir or common.data_dir(config, policy_path), split, num_prompts)
+        prompt_config, data_dir or common.data_dir(prompt_config, source), split, num_prompts)
   _, model, params = policy_lib.load_policy(policy_path)
   reference = None
   if reference_path:
@@ -99,7 +119,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   try:
     result = evaluate(
-        _POLICY.value, _REFERENCE.value, num_prompts=_NUM_PROMPTS.value, split=_SPLIT.value,
+        _POLICY.value, _REFERENCE.value, num_prompts=_NUM_PROMPTS.value,
+        prompts_from=_PROMPTS_FROM.value, split=_SPLIT.value,
         unconditional=_PROMPT.value == "unconditional", seed=_SEED.value,
         data_dir=_DATA_DIR.value, num_samples=_NUM_SAMPLES.value,
         max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,

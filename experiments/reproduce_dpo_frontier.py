@@ -17,12 +17,17 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+from ml_collections import config_flags
 
 from configs import pipeline as pipeline_config
 from rlhf_jax.testbed import pipeline
 from rlhf_jax.testbed import plots
 from rlhf_jax.testbed import policy as policy_lib
 
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(pipeline_config.__file__), "pipeline.py"),
+    "The pipeline config whose stages every point uses (e.g. --config.ppo.train.num_steps=80).",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Root directory of every run.")
 _QUICK = flags.DEFINE_bool("quick", False, "CI-sized: tiny model, one seed, two points a method.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every trained point.")
@@ -64,9 +69,9 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  config = pipeline_config.get_config()
-  config.quick = _QUICK.value
-  config = pipeline.resolve(config)
+  config = pipeline.resolve(_CONFIG.value)
+  if _QUICK.value:
+    pipeline_config.make_quick(config)
   seeds = [int(s) for s in _SEEDS.value]
   betas, kl_coefs = [float(b) for b in _BETAS.value], [float(k) for k in _KL_COEFS.value]
   if _QUICK.value:

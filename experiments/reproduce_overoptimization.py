@@ -20,6 +20,7 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+from ml_collections import config_flags
 import numpy as np
 
 from configs import pipeline as pipeline_config
@@ -31,6 +32,10 @@ from rlhf_jax.testbed import plots
 from rlhf_jax.testbed import policy as policy_lib
 from rlhf_jax.train import checkpoint as checkpoint_lib
 
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(pipeline_config.__file__), "pipeline.py"),
+    "The pipeline config whose stages every point uses (e.g. --config.ppo.train.num_steps=80).",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Root directory of every run.")
 _QUICK = flags.DEFINE_bool("quick", False, "CI-sized: tiny model, small pools, two proxies.")
 _RM_PAIRS = flags.DEFINE_list("rm_pairs", ["250", "1000", "4000"], "Train pairs of each proxy RM.")
@@ -45,9 +50,9 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  config = pipeline_config.get_config()
-  config.quick = _QUICK.value
-  config = pipeline.resolve(config)
+  config = pipeline.resolve(_CONFIG.value)
+  if _QUICK.value:
+    pipeline_config.make_quick(config)
   config.labels.temperature = 0.0          # the gold-labelled set
   rm_pairs = [int(n) for n in _RM_PAIRS.value]
   pool, bon_prompts = _POOL.value, _BON_PROMPTS.value

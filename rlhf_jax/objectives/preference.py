@@ -156,7 +156,7 @@ _REFERENCE_FREE = ('simpo', 'orpo')
 
 def preference_loss(kind, policy_chosen_logps, policy_rejected_logps,
                     reference_chosen_logps=None, reference_rejected_logps=None, *,
-                    chosen_lengths=None, rejected_lengths=None, **hparams):
+                    chosen_lengths=None, rejected_lengths=None, weights=None, **hparams):
   """Mean paired preference loss of `kind` in `KINDS`, and metrics.
 
   Args:
@@ -165,6 +165,8 @@ def preference_loss(kind, policy_chosen_logps, policy_rejected_logps,
     reference_chosen_logps, reference_rejected_logps: `[batch]` under pi_ref; unused (may be
       None) for the reference-free 'simpo' and 'orpo'.
     chosen_lengths, rejected_lengths: `[batch]` response token counts, for 'simpo', 'orpo'.
+    weights: optional `[batch]` example weights (e.g. 0 for a pair whose two responses
+      tie); loss and metrics are weighted means over them. None: plain means.
     **hparams: keyword hyper-parameters of the chosen loss function (e.g. beta,
       label_smoothing, gamma, lam).
 
@@ -202,14 +204,19 @@ def preference_loss(kind, policy_chosen_logps, policy_rejected_logps,
   if losses.ndim != 1:
     raise ValueError(f'preference_loss: log-probs must be [batch], got shape {pc.shape}')
 
-  loss = jnp.mean(losses)
+  if weights is None:
+    mean = jnp.mean
+  else:
+    weights = _float(weights)
+    mean = lambda x: jnp.sum(weights * x) / jnp.maximum(jnp.sum(weights), 1e-8)
+  loss = mean(losses)
   metrics = {
       'loss': loss,
-      'rewards/chosen': jnp.mean(reward_c),
-      'rewards/rejected': jnp.mean(reward_r),
-      'rewards/margin': jnp.mean(reward_c - reward_r),
-      'rewards/accuracy': jnp.mean((reward_c > reward_r).astype(jnp.float32)),
-      'logps/chosen': jnp.mean(pc),
-      'logps/rejected': jnp.mean(pr),
+      'rewards/chosen': mean(reward_c),
+      'rewards/rejected': mean(reward_r),
+      'rewards/margin': mean(reward_c - reward_r),
+      'rewards/accuracy': mean((reward_c > reward_r).astype(jnp.float32)),
+      'logps/chosen': mean(pc),
+      'logps/rejected': mean(pr),
   }
   return loss, metrics

@@ -4,6 +4,10 @@ The policy and the frozen reference each score the stacked chosen and rejected
 sequences in one forward pass; `config.dpo.loss` picks the loss of
 `rlhf_jax.objectives.preference` (sigmoid = DPO, robust, ipo, hinge, simpo, orpo)
 or 'kto' on the pairs taken apart (chosen desirable, rejected undesirable).
+Evaluation adds, beside the held-out pair metrics, one sampled response for each of
+`config.dpo.eval_prompts` held-out prompts: its sequence KL to the reference and its
+gold reward. Online (iterative) DPO, on pairs the policy samples, is
+`configs/online_dpo.py` (the RL stage's sampling and rewards).
 """
 
 import functools
@@ -12,10 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import tokenizers
 from rlhf_jax.objectives import preference
 from rlhf_jax.objectives import sft as sft_objective
 from rlhf_jax.stages import common
 from rlhf_jax.stages import reward as reward_stage
+from rlhf_jax.stages import rollout as rollout_lib
 from rlhf_jax.train import sharding as sharding_lib
 from rlhf_jax.train import state as state_lib
 from rlhf_jax.train import step as step_lib
@@ -34,6 +40,12 @@ def make_data(config, workdir):
 def init(config, rng, mesh):
   if config.dpo.loss not in LOSSES:
     raise ValueError(f"config.dpo.loss: unknown loss {config.dpo.loss!r}; expected one of {LOSSES}")
+  needed = config.data.prompt_len + config.dpo.max_new_tokens
+  if config.dpo.eval_prompts and config.model.max_len < needed:
+    raise ValueError(f"config.model.max_len={config.model.max_len} < config.data.prompt_len "
+                     f"({config.data.prompt_len}) + config.dpo.max_new_tokens "
+                     f"({config.dpo.max_new_tokens}), needed to sample at evaluation "
+                     "(config.dpo.eval_prompts=0 turns sampling off)")
   return common.init_state(config, common.make_model(config), rng, mesh,
                            extras_fn=lambda params: {"reference": params})
 
@@ -93,9 +105,52 @@ def _logps_fn(model):
   return fn
 
 
+def pair_prompts(batch: dict, prompt_len: int, pad_id: int) -> dict:
+  """The prompts of a host batch of pairs, left-padded to `[batch, prompt_len]`.
+
+  The prompt is the chosen sequence's real tokens before the response (BOS first); a
+  longer one keeps BOS and its last `prompt_len - 1` tokens, as `collate.prompt_example`.
+  """
+  tokens, mask, loss_mask = (np.asarray(batch[f"chosen_{k}"]) for k in ("tokens", "mask",
+                                                                        "loss_mask"))
+  out = np.full((len(tokens), prompt_len), pad_id, np.int32)
+  out_mask = np.zeros((len(tokens), prompt_len), np.int32)
+  for i, row in enumerate(tokens):
+    ids = row[(mask[i] != 0) & (loss_mask[i] == 0)]
+    if len(ids) > prompt_len:
+      ids = np.concatenate([ids[:1], ids[len(ids) - prompt_len + 1:]])
+    out[i, prompt_len - len(ids):] = ids
+    out_mask[i, prompt_len - len(ids):] = 1
+  return {"prompt_tokens": out, "prompt_mask": out_mask, "valid": np.asarray(batch["valid"])}
+
+
+def _prompt_batches(config, batches, pad_id: int):
+  """Prompt batches of the held-out pairs, up to `config.dpo.eval_prompts` real rows."""
+  left = config.dpo.eval_prompts
+  for batch in batches:
+    if left <= 0:
+      return
+    prompts = pair_prompts(batch, config.data.prompt_len, pad_id)
+    keep = np.cumsum(prompts["valid"] == 1) <= left
+    prompts["valid"] = np.where(keep, prompts["valid"], 0).astype(np.int32)
+    left -= int(prompts["valid"].sum())
+    yield prompts
+
+
+def sampled_metrics(config, state, data, mesh, rng) -> dict:
+  """`rollout.sampled_policy_metrics` on the held-out pairs' prompts, keys prefixed 'sampled/'."""
+  model = common.make_model(config)
+  tokenizer = tokenizers.make_tokenizer(config.tokenizer)
+  summary = rollout_lib.sampled_policy_metrics(
+      model, state.params, model, state.extras["reference"],
+      _prompt_batches(config, data.eval(), tokenizer.pad_id), mesh, rng, tokenizer=tokenizer,
+      max_new_tokens=config.dpo.max_new_tokens, num_texts=config.dpo.eval_texts)
+  return {f"sampled/{k}": v for k, v in summary.items()}
+
+
 def evaluate(config, state, data, mesh, rng):
-  """Held-out preference metrics: implicit rewards beta * log(pi / pi_ref), margin, accuracy."""
-  del rng
+  """Held-out preference metrics: implicit rewards beta * log(pi / pi_ref), margin, accuracy;
+  with `config.dpo.eval_prompts`, `sampled_metrics` too (KL to the reference, gold reward)."""
   fn = _logps_fn(common.make_model(config))
   rows = {"pc": [], "pr": [], "rc": [], "rr": [], "valid": [], "gold": []}
   for batch in data.eval():
@@ -120,4 +175,6 @@ def evaluate(config, state, data, mesh, rng):
              "num_pairs": int(valid.sum())}
   if rows["gold"]:
     metrics["gold_agreement"] = float(np.mean((reward_c - reward_r) * take("gold") > 0))
+  if config.dpo.eval_prompts:
+    metrics.update(sampled_metrics(config, state, data, mesh, rng))
   return metrics

@@ -1,13 +1,21 @@
 """RLHF with PPO (Ouyang et al. 2022, InstructGPT; Huang et al. 2024, "The N+
-implementation details of RLHF with PPO"), and its critic-free cousins RLOO (Ahmadian
-et al. 2024) and GRPO (Shao et al. 2024), as `config.ppo.algorithm`.
+implementation details of RLHF with PPO"), its critic-free cousins RLOO (Ahmadian
+et al. 2024) and GRPO (Shao et al. 2024), and online DPO (Guo et al. 2024, "Direct
+language model alignment from online AI feedback"), as `config.ppo.algorithm`.
+
+Online DPO is the DPO stage's loss on pairs the current policy samples: each iteration
+is one round of iterative DPO (rounds = `config.train.num_steps`): `samples_per_prompt`
+responses to each of `config.data.batch_size` prompts, the reward function (learned
+model or gold) picks the best and the worst (ties drop out of the loss), and
+`epochs` x `num_minibatches` DPO updates train on those pairs against the frozen
+reference, with beta = `kl_coef`.
 
 One step is one iteration, a single pure function:
   1. rollout (stages/rollout.py): sample `samples_per_prompt` responses per prompt with
      the KV-cache sampler; full forward passes give the policy's and the reference's
      per-token log-probs (logits / temperature, so the first ratio is exactly 1), the
      critic's values, and the reward function's sequence score;
-  2. advantages: PPO shapes per-token rewards (-beta KL_t, plus the score at the last
+  2. advantages (online DPO: pairs instead, `preference_pairs`): PPO shapes per-token rewards (-beta KL_t, plus the score at the last
      token) and runs GAE; RLOO uses the KL-penalised sequence reward minus the
      leave-one-out mean; GRPO the group-normalised score (its KL is in the loss);
   3. `epochs` passes over the rollout in `num_minibatches` shuffled minibatches inside
@@ -25,7 +33,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from rlhf_jax import tokenizers
@@ -33,13 +40,10 @@ from rlhf_jax.data import collate
 from rlhf_jax.data import pipeline
 from rlhf_jax.data import sources
 from rlhf_jax.data import tfds_builders
-from rlhf_jax.model import sampling
 from rlhf_jax.objectives import policy_gradient as pg
+from rlhf_jax.objectives import preference
 from rlhf_jax.stages import common
-from rlhf_jax.stages import reward as reward_lib
 from rlhf_jax.stages import rollout as rollout_lib
-from rlhf_jax.testbed import evaluation
-from rlhf_jax.testbed import gold_reward
 from rlhf_jax.train import checkpoint as checkpoint_lib
 from rlhf_jax.train import loop
 from rlhf_jax.train import sharding as sharding_lib
@@ -162,6 +166,52 @@ def advantages(config: ml_collections.ConfigDict, ro: dict, kl_coef) -> tuple[di
   return ro, metrics
 
 
+def preference_pairs(ro: dict, samples_per_prompt: int) -> tuple[dict, dict]:
+  """Online DPO's training pairs: the best and worst scored of each prompt's k samples.
+
+  Args:
+    ro: a rollout of `[prompts * k]` rows, the k samples of a prompt contiguous.
+  Returns:
+    `[prompts]` pairs: chosen_/rejected_ tokens, mask `[prompts, P + n]` and
+    response_mask `[prompts, n]`; reference_chosen_logps, reference_rejected_logps
+    (summed over the response); `valid` 0 where the k scores tie (no preference).
+    And metrics: the fraction of tied prompts and the mean best-minus-worst score.
+  """
+  scores = ro["scores"].reshape(-1, samples_per_prompt)
+  base = jnp.arange(scores.shape[0]) * samples_per_prompt
+  rows = {"chosen": base + jnp.argmax(scores, axis=1), "rejected": base + jnp.argmin(scores, axis=1)}
+  gap = jnp.max(scores, axis=1) - jnp.min(scores, axis=1)
+  pairs = {"valid": (gap > 0).astype(jnp.float32)}
+  for name, index in rows.items():
+    for key in ("tokens", "mask", "response_mask"):
+      pairs[f"{name}_{key}"] = ro[key][index]
+    pairs[f"reference_{name}_logps"] = _sequence_sum(ro["ref_logprobs"][index],
+                                                     ro["response_mask"][index])
+  return pairs, {"tied_fraction": 1.0 - jnp.mean(pairs["valid"]), "score_gap": jnp.mean(gap)}
+
+
+def online_dpo_loss_fn(config: ml_collections.ConfigDict, models: rollout_lib.Models):
+  """loss_fn(params, extras, pairs, rng): the DPO-family loss of a minibatch of online pairs."""
+  pc = config.ppo
+
+  def loss_fn(params, extras, mb, rng):
+    del rng
+    p = mb["chosen_tokens"].shape[1] - mb["chosen_response_mask"].shape[1]
+    cat = lambda key: jnp.concatenate([mb[f"chosen_{key}"], mb[f"rejected_{key}"]])
+    logprobs = rollout_lib.response_outputs(models.policy, params["policy"], cat("tokens"),
+                                            cat("mask"), p)["logprobs"]
+    response_mask = cat("response_mask")
+    logps = _sequence_sum(logprobs, response_mask)
+    lengths = jnp.sum(response_mask, axis=1).astype(jnp.float32)
+    n = mb["chosen_tokens"].shape[0]
+    return preference.preference_loss(
+        pc.dpo_loss, logps[:n], logps[n:], mb["reference_chosen_logps"],
+        mb["reference_rejected_logps"], chosen_lengths=lengths[:n], rejected_lengths=lengths[n:],
+        weights=mb["valid"], beta=extras["kl_coef"])
+
+  return loss_fn
+
+
 def make_loss_fn(config: ml_collections.ConfigDict, models: rollout_lib.Models):
   """loss_fn(params, extras, minibatch, rng) -> (loss, metrics) of one minibatch."""
   pc = config.ppo
@@ -215,9 +265,11 @@ def make_step(config: ml_collections.ConfigDict):
   pc = config.ppo
   tx = state_lib.make_optimizer(config.optimizer, num_updates(config))
   schedule = state_lib.learning_rate_schedule(config.optimizer, num_updates(config))
-  loss_fn = make_loss_fn(config, models)
+  online_dpo = pc.algorithm == "online_dpo"
+  loss_fn = (online_dpo_loss_fn if online_dpo else make_loss_fn)(config, models)
   batch_size = rollout_lib.rollout_batch_size(config)
-  minibatch = batch_size // pc.num_minibatches
+  train_rows = config.data.batch_size if online_dpo else batch_size   # pairs or responses
+  minibatch = train_rows // pc.num_minibatches
   accum = config.optimizer.grad_accum_steps
 
   def update(carry, inputs):
@@ -232,7 +284,7 @@ def make_step(config: ml_collections.ConfigDict):
   def epoch(carry, rng):
     data, carry = carry
     perm_rng, mb_rng = jax.random.split(rng)
-    order = jax.random.permutation(perm_rng, batch_size).reshape(pc.num_minibatches, minibatch)
+    order = jax.random.permutation(perm_rng, train_rows).reshape(pc.num_minibatches, minibatch)
     minibatches = jax.tree.map(lambda x: x[order], data)
     carry, metrics = jax.lax.scan(update, carry, (minibatches, jax.random.split(
         mb_rng, pc.num_minibatches)))
@@ -247,9 +299,11 @@ def make_step(config: ml_collections.ConfigDict):
     kl_coef = state.extras["kl_coef"]
     ro = rollout_lib.rollout(config, models, reward_fn, state.params, state.extras,
                              prompt_tokens, prompt_mask, rollout_rng)
-    ro, metrics = advantages(config, ro, kl_coef)
-
-    data = {k: v for k, v in ro.items() if k in _TRAIN_KEYS}
+    if online_dpo:
+      data, metrics = preference_pairs(ro, pc.samples_per_prompt)
+    else:
+      ro, metrics = advantages(config, ro, kl_coef)
+      data = {k: v for k, v in ro.items() if k in _TRAIN_KEYS}
     carry = (state.params, state.opt_state, state.step, state.extras)
     (_, (params, opt_state, step, _)), train_metrics = jax.lax.scan(
         epoch, (data, carry), jax.random.split(train_rng, pc.epochs))
@@ -280,56 +334,13 @@ def make_step(config: ml_collections.ConfigDict):
 
 # ------------------------------------------------------------------------ evaluate
 
-@functools.cache
-def _eval_fn(models: rollout_lib.Models, max_new_tokens: int, eos_id: int, pad_id: int):
-  @jax.jit
-  def fn(params, extras, batch, rng):
-    sample = sampling.sample(params["policy"], models.policy, batch["prompt_tokens"],
-                             batch["prompt_mask"], rng, max_new_tokens=max_new_tokens,
-                             temperature=1.0, eos_id=eos_id, pad_id=pad_id)
-    p = batch["prompt_tokens"].shape[1]
-    ref = rollout_lib.response_outputs(models.reference, extras["reference"], sample.tokens,
-                                       sample.mask, p)["logprobs"]
-    out = {"tokens": sample.tokens, "mask": sample.mask, "response_mask": sample.response_mask,
-           "logprobs": sample.logprobs, "ref_logprobs": ref}
-    if models.reward is not None:
-      out["rm_score"] = reward_lib.score(models.reward, extras["reward"], sample.tokens,
-                                         sample.mask, models.reward_pooling)
-    return out
-  return fn
-
-
 def evaluate(config, state, data, mesh, rng) -> dict:
-  """Held-out prompts, sampled at temperature 1: gold reward (mean, std, stderr), MC
-  KL(pi || pi_ref) with its standard error, response length, distinct-n, learned-RM
-  score, and `samples`: the first `config.ppo.eval_samples` texts (prompt + response)."""
+  """Held-out prompts, sampled at temperature 1: `rollout.sampled_policy_metrics` (gold
+  reward, MC KL to the reference, length, diversity, learned-RM score, sample texts)."""
   models = rollout_lib.make_models(config)
-  tokenizer = tokenizers.make_tokenizer(config.tokenizer)
-  fn = _eval_fn(models, config.ppo.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id)
-  columns = {}
-  for i, batch in enumerate(data.eval()):
-    batch = sharding_lib.put_batch(batch, mesh)   # multi-host: gather outputs and rows alike
-    out, valid = sharding_lib.to_host((fn(state.params, state.extras, batch,
-                                          jax.random.fold_in(rng, i)), batch["valid"]))
-    valid = np.asarray(valid) == 1
-    for k, v in out.items():
-      columns.setdefault(k, []).append(np.asarray(v)[valid])
-  if not columns:
-    raise ValueError("ppo evaluation: the eval split gave no prompt batches")
-  c = {k: np.concatenate(v) for k, v in columns.items()}
-  p = config.data.prompt_len
-  texts = rollout_lib.decode_texts(tokenizer, c["tokens"], c["mask"])
-  responses = rollout_lib.decode_texts(tokenizer, c["tokens"][:, p:], c["mask"][:, p:])
-  gold = gold_reward.gold_reward(texts)
-  kl = evaluation.sequence_kl_estimate(c["logprobs"], c["ref_logprobs"], c["response_mask"])
-  summary = evaluation.summarize_policy(responses, gold, c["response_mask"].sum(axis=1), kl=kl,
-                                        num_samples=0)
-  summary.pop("samples")
-  n = config.ppo.eval_samples
-  summary.update(
-      samples=[f"{t}  [gold {g:+.2f}]" for t, g in zip(texts[:n], gold[:n])],
-      eos_fraction=float(np.mean(np.any((c["tokens"][:, p:] == tokenizer.eos_id)
-                                        & (c["mask"][:, p:] != 0), axis=1))))
-  if "rm_score" in c:
-    summary["rm_score"] = float(np.mean(c["rm_score"]))
-  return summary
+  return rollout_lib.sampled_policy_metrics(
+      models.policy, state.params["policy"], models.reference, state.extras["reference"],
+      data.eval(), mesh, rng, tokenizer=tokenizers.make_tokenizer(config.tokenizer),
+      max_new_tokens=config.ppo.max_new_tokens, num_texts=config.ppo.eval_samples,
+      reward=models.reward, reward_params=state.extras.get("reward"),
+      pooling=models.reward_pooling)

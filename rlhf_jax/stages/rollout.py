@@ -14,6 +14,7 @@ and log-probs both come from `[:, P - 1 : -1]`).
 """
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -31,9 +32,12 @@ from rlhf_jax.model import transformer
 from rlhf_jax.objectives import sft as sft_objective
 from rlhf_jax.stages import common
 from rlhf_jax.stages import reward as reward_lib
+from rlhf_jax.testbed import evaluation
 from rlhf_jax.testbed import gold_reward
+from rlhf_jax.train import sharding as sharding_lib
 
-ALGORITHMS = ("ppo", "rloo", "grpo")
+ALGORITHMS = ("ppo", "rloo", "grpo", "online_dpo")
+ONLINE_DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")   # paired, with a reference
 CRITICS = ("separate", "shared")
 REWARDS = ("model", "gold")
 
@@ -135,7 +139,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     fail("reward_checkpoint", "reward='model' needs a reward-stage workdir")
   if pc.kl_estimator not in ("k1", "k3"):
     fail("kl_estimator", f"expected 'k1' or 'k3', got {pc.kl_estimator!r}")
-  if pc.algorithm in ("rloo", "grpo") and pc.samples_per_prompt < 2:
+  if pc.algorithm in ("rloo", "grpo", "online_dpo") and pc.samples_per_prompt < 2:
     fail("samples_per_prompt", f"{pc.algorithm} needs >= 2 samples per prompt, got "
          f"{pc.samples_per_prompt}")
   if pc.algorithm == "ppo" and pc.samples_per_prompt < 1:
@@ -146,10 +150,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     fail("max_new_tokens", f"must be >= 1, got {pc.max_new_tokens}")
   if pc.epochs < 1 or pc.num_minibatches < 1:
     fail("epochs" if pc.epochs < 1 else "num_minibatches", "must be >= 1")
-  if rollout_batch_size(config) % (pc.num_minibatches * config.optimizer.grad_accum_steps):
-    fail("num_minibatches", f"the rollout batch of {rollout_batch_size(config)} "
-         f"(config.data.batch_size x samples_per_prompt) does not split into {pc.num_minibatches} "
-         f"minibatches of {config.optimizer.grad_accum_steps} micro-batches")
+  if pc.algorithm == "online_dpo":
+    if pc.dpo_loss not in ONLINE_DPO_LOSSES:
+      fail("dpo_loss", f"expected one of {ONLINE_DPO_LOSSES}, got {pc.dpo_loss!r}")
+    if pc.temperature != 1.0:
+      fail("temperature", "online_dpo compares the policy's own log-probs: sample at 1.0, got "
+           f"{pc.temperature}")
+  rows, what = ((config.data.batch_size, "pairs (config.data.batch_size)")
+                if pc.algorithm == "online_dpo" else
+                (rollout_batch_size(config), "(config.data.batch_size x samples_per_prompt)"))
+  if rows % (pc.num_minibatches * config.optimizer.grad_accum_steps):
+    fail("num_minibatches", f"the rollout's {rows} {what} do not split into "
+         f"{pc.num_minibatches} minibatches of {config.optimizer.grad_accum_steps} micro-batches")
   if pc.adaptive_kl and not (pc.kl_target > 0 and pc.kl_horizon > 0):
     fail("kl_target", "the adaptive KL controller needs kl_target > 0 and kl_horizon > 0")
 
@@ -315,3 +327,63 @@ def rollout(config: ml_collections.ConfigDict, models: Models, reward_fn: Reward
   is_eos = (sample.response_tokens == tokenizer.eos_id) & (sample.response_mask != 0)
   out["contains_eos"] = jnp.any(is_eos, axis=1)
   return jax.tree.map(jax.lax.stop_gradient, out)
+
+
+# ------------------------------------------------------------------------ evaluation
+
+@functools.cache
+def _sample_fn(policy, reference, reward, pooling: str, max_new_tokens: int, eos_id: int,
+               pad_id: int):
+  @jax.jit
+  def fn(policy_params, reference_params, reward_params, batch, rng):
+    sample = sampling.sample(policy_params, policy, batch["prompt_tokens"], batch["prompt_mask"],
+                             rng, max_new_tokens=max_new_tokens, temperature=1.0, eos_id=eos_id,
+                             pad_id=pad_id)
+    p = batch["prompt_tokens"].shape[1]
+    ref = response_outputs(reference, reference_params, sample.tokens, sample.mask, p)["logprobs"]
+    out = {"tokens": sample.tokens, "mask": sample.mask, "response_mask": sample.response_mask,
+           "logprobs": sample.logprobs, "ref_logprobs": ref}
+    if reward is not None:
+      out["rm_score"] = reward_lib.score(reward, reward_params, sample.tokens, sample.mask, pooling)
+    return out
+  return fn
+
+
+def sampled_policy_metrics(policy, policy_params, reference, reference_params, prompt_batches,
+                           mesh, rng, *, tokenizer, max_new_tokens: int, num_texts: int,
+                           reward=None, reward_params=None, pooling: str = "last") -> dict:
+  """One response (temperature 1) per held-out prompt: gold reward (mean, std, stderr),
+  MC sequence KL(pi || pi_ref) with its standard error, response length, distinct-n,
+  the fraction ending in EOS, the learned reward (`rm_score`, when `reward` is given),
+  and `samples`: the first `num_texts` texts (prompt + response) with their gold.
+
+  prompt_batches: host batches of left-padded `prompt_tokens`, `prompt_mask` `[batch, P]`
+  and `valid` `[batch]`.
+  """
+  fn = _sample_fn(policy, reference, reward, pooling, max_new_tokens, tokenizer.eos_id,
+                  tokenizer.pad_id)
+  columns, p = {}, None
+  for i, batch in enumerate(prompt_batches):
+    p = batch["prompt_tokens"].shape[1]
+    batch = sharding_lib.put_batch(batch, mesh)   # multi-host: gather outputs and rows alike
+    out, valid = sharding_lib.to_host((fn(policy_params, reference_params, reward_params, batch,
+                                          jax.random.fold_in(rng, i)), batch["valid"]))
+    valid = np.asarray(valid) == 1
+    for k, v in out.items():
+      columns.setdefault(k, []).append(np.asarray(v)[valid])
+  if not columns:
+    raise ValueError("sampled evaluation: the eval split gave no prompt batches")
+  c = {k: np.concatenate(v) for k, v in columns.items()}
+  texts = decode_texts(tokenizer, c["tokens"], c["mask"])
+  responses = decode_texts(tokenizer, c["tokens"][:, p:], c["mask"][:, p:])
+  gold = gold_reward.gold_reward(texts)
+  kl = evaluation.sequence_kl_estimate(c["logprobs"], c["ref_logprobs"], c["response_mask"])
+  summary = evaluation.summarize_policy(responses, gold, c["response_mask"].sum(axis=1), kl=kl,
+                                        num_samples=0)
+  summary.update(
+      samples=[f"{t}  [gold {g:+.2f}]" for t, g in zip(texts[:num_texts], gold[:num_texts])],
+      eos_fraction=float(np.mean(np.any((c["tokens"][:, p:] == tokenizer.eos_id)
+                                        & (c["mask"][:, p:] != 0), axis=1))))
+  if "rm_score" in c:
+    summary["rm_score"] = float(np.mean(c["rm_score"]))
+  return summary

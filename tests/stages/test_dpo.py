@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from configs import dpo as dpo_config
+from rlhf_jax import tokenizers
+from rlhf_jax.data import collate
 from rlhf_jax.stages import common
 from rlhf_jax.stages import dpo
 from rlhf_jax.train import loop
@@ -50,6 +52,7 @@ def test_dpo_loss_matches_numpy(tmp_path):
 def test_reference_is_never_updated_and_loss_starts_at_log2(tmp_path):
   config = pair_config(dpo_config, tmp_path, num_steps=5, checkpoint_every=5)
   config.optimizer.learning_rate = 1e-2
+  config.dpo.update(eval_prompts=3, max_new_tokens=8)
   workdir = str(tmp_path / "run")
   final = loop.train(config, workdir, dpo)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -65,6 +68,28 @@ def test_reference_is_never_updated_and_loss_starts_at_log2(tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), state.extras["reference"], fresh.params)
   moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), state.params, fresh.params))
   assert all(moved)
+  # Sampled responses to 3 held-out prompts: KL 0 while policy == reference, > 0 after.
+  assert final["sampled/num"] == 3 and -1.0 <= final["sampled/gold_mean"] <= 1.0
+  assert final["sampled/kl"] > 0.01
+  with jax.set_mesh(mesh):
+    at_start = dpo.sampled_metrics(config, fresh, dpo.make_data(config, workdir), mesh,
+                                   jax.random.key(0))
+  assert abs(at_start["sampled/kl"]) < 1e-4
+
+
+def test_pair_prompts_equal_the_prompt_layout():
+  tokenizer = tokenizers.make_tokenizer(dpo_config.get_config().tokenizer)
+  prompts = ["Review 3: the movie was", "A"]
+  examples = [collate.preference_example(tokenizer, p, " fine.", " bad.", 48) for p in prompts]
+  batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+  batch["valid"] = np.array([1, 0], np.int32)
+  for prompt_len in (40, 6):   # no cut; cut from the left keeping BOS
+    out = dpo.pair_prompts(batch, prompt_len, tokenizer.pad_id)
+    for i, p in enumerate(prompts):
+      expected = collate.prompt_example(tokenizer, p, prompt_len)
+      np.testing.assert_array_equal(out["prompt_tokens"][i], expected["prompt_tokens"])
+      np.testing.assert_array_equal(out["prompt_mask"][i], expected["prompt_mask"])
+    np.testing.assert_array_equal(out["valid"], [1, 0])
 
 
 @pytest.mark.parametrize("loss", dpo.LOSSES)

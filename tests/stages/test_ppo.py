@@ -7,6 +7,7 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -361,3 +362,79 @@ def test_reward_pooling_comes_from_the_reward_runs_config(dirs, tmp_path):
       with pytest.raises(ValueError,
                          match=r"config.json: reward.pooling: expected one of .*, got 'mean'"):
         rollout_lib.make_models(config)
+
+
+def test_preference_pairs_pick_best_and_worst_and_drop_ties():
+  k, n = 3, 4
+  scores = np.array([0.1, 0.9, -0.5,   0.2, 0.2, 0.2,   1.0, -1.0, 0.0], np.float32)
+  rng = np.random.default_rng(0)
+  ro = {"tokens": np.arange(9)[:, None] * np.ones((1, 6), np.int32),
+        "mask": np.ones((9, 6), np.int32),
+        "response_mask": (np.arange(n)[None] < rng.integers(1, n + 1, size=9)[:, None]).astype(np.int32),
+        "ref_logprobs": rng.normal(size=(9, n)).astype(np.float32), "scores": scores}
+  pairs, metrics = jax.device_get(ppo.preference_pairs({k_: jnp.asarray(v) for k_, v in ro.items()}, k))
+  np.testing.assert_array_equal(pairs["chosen_tokens"][:, 0], [1, 3, 6])    # argmax per prompt
+  np.testing.assert_array_equal(pairs["rejected_tokens"][:, 0], [2, 3, 7])  # argmin per prompt
+  np.testing.assert_array_equal(pairs["valid"], [1.0, 0.0, 1.0])
+  ref_sums = (ro["ref_logprobs"] * ro["response_mask"]).sum(1)
+  np.testing.assert_allclose(pairs["reference_chosen_logps"], ref_sums[[1, 3, 6]], rtol=1e-6)
+  np.testing.assert_allclose(pairs["reference_rejected_logps"], ref_sums[[2, 3, 7]], rtol=1e-6)
+  assert metrics["tied_fraction"] == pytest.approx(1 / 3)
+  assert metrics["score_gap"] == pytest.approx((1.4 + 0.0 + 2.0) / 3)
+
+
+def test_online_dpo_round_trains_dpo_on_its_own_samples(dirs):
+  from configs import online_dpo as online_dpo_config
+  from rlhf_jax.stages import dpo as dpo_stage
+  config = tiny_config(dirs, online_dpo_config, temperature=1.0, epochs=1, num_minibatches=1,
+                       kl_coef=1.0)
+  config.data.batch_size = 8
+  _, state, _ = compiled(config)
+  before = jax.device_get(state.extras["reference"])
+  history, state = run(config, 2)
+  first, second = history
+  # Round 1 samples from pi == pi_ref: every log-ratio is 0, so the DPO loss is log 2.
+  assert first["loss"] == pytest.approx(np.log(2.0), abs=1e-5)
+  assert first["rewards/margin"] == pytest.approx(0.0, abs=1e-5)
+  assert first["tied_fraction"] < 1.0 and first["score_gap"] > 0.0
+  assert abs(second["rewards/margin"]) > 1e-3                       # the policy moved
+  jax.tree.map(np.testing.assert_array_equal, before, jax.device_get(state.extras["reference"]))
+  # The online loss equals the offline DPO stage's on the same pairs, laid out as it lays
+  # them out (loss_mask on the response), with the trained policy.
+  mesh, _, _ = compiled(config)
+  models = rollout_lib.make_models(config)
+  batch = next(ppo.make_data(config, config.data.data_dir).train)
+  prompts = {k: jnp.repeat(jnp.asarray(v), 2, axis=0) for k, v in batch.items()
+             if k.startswith("prompt_")}
+  with jax.set_mesh(mesh):
+    ro = rollout_lib.rollout(config, models, rollout_lib.make_reward_fn(config, models),
+                             state.params, state.extras, prompts["prompt_tokens"],
+                             prompts["prompt_mask"], jax.random.key(3))
+    pairs, _ = ppo.preference_pairs(ro, 2)
+    loss, metrics = ppo.online_dpo_loss_fn(config, models)(state.params, state.extras, pairs, None)
+  p = config.data.prompt_len
+  offline = {}
+  for name in ("chosen", "rejected"):
+    offline[f"{name}_tokens"] = pairs[f"{name}_tokens"]
+    offline[f"{name}_mask"] = pairs[f"{name}_mask"]
+    offline[f"{name}_loss_mask"] = jnp.pad(pairs[f"{name}_response_mask"], ((0, 0), (p, 0)))
+  dc = config.copy_and_resolve_references()
+  dc.dpo = dict(loss="sigmoid", beta=config.ppo.kl_coef, label_smoothing=0.0)
+  dc = ml_collections.ConfigDict(dc.to_dict())
+  expected, expected_metrics = dpo_stage.dpo_loss_and_metrics(
+      dc.dpo, models.reference, state.params["policy"], state.extras["reference"],
+      jax.tree.map(lambda x: x[np.asarray(pairs["valid"]) == 1], offline))
+  np.testing.assert_allclose(loss, expected, rtol=2e-5)
+  np.testing.assert_allclose(metrics["rewards/margin"], expected_metrics["rewards/margin"],
+                             rtol=2e-5, atol=1e-6)
+
+
+def test_online_dpo_config_errors_name_the_field(dirs):
+  from configs import online_dpo as online_dpo_config
+  with pytest.raises(ValueError, match="config.ppo.dpo_loss"):
+    rollout_lib.make_models(tiny_config(dirs, online_dpo_config, temperature=1.0, dpo_loss="kto"))
+  with pytest.raises(ValueError, match="config.ppo.temperature"):
+    rollout_lib.make_models(tiny_config(dirs, online_dpo_config, temperature=0.7))
+  with pytest.raises(ValueError, match="config.ppo.num_minibatches.*4 pairs"):
+    rollout_lib.make_models(tiny_config(dirs, online_dpo_config, temperature=1.0,
+                                        num_minibatches=3))
