@@ -30,6 +30,8 @@ def get_config():
   c.dpo.lam = 0.1                    # ORPO weight of the odds-ratio term
   c.dpo.desirable_weight = 1.0       # KTO lambda_D
   c.dpo.undesirable_weight = 1.0     # KTO lambda_U
+  c.dpo.reference = "step"           # reference log-probs: "step" (a forward pass each step) or
+                                     # "precompute" (once over the data, cached in the workdir)
   c.dpo.eval_prompts = 256           # held-out prompts sampled at eval (KL to the reference,
                                      # gold reward); 0: pair metrics only
   c.dpo.max_new_tokens = 48          # sampled response length limit (data.prompt_len + this

@@ -83,4 +83,5 @@ def make_quick(c: ml_collections.ConfigDict) -> None:
   c.ppo.data.update(batch_size=16, eval_batch_size=16)
   c.ppo.ppo.update(max_new_tokens=16, epochs=1, num_minibatches=2)
   c.dpo.train.update(num_steps=30, eval_every=0, checkpoint_every=30)
+  c.dpo.dpo.update(eval_prompts=32, max_new_tokens=16)
   c.evaluation.update(num_prompts=32, best_of_n=4, reward_samples=64)

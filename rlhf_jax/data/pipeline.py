@@ -184,3 +184,23 @@ class Head(Sequence):
 
   def __repr__(self) -> str:
     return f"Head({self.source!r}, {self.n})"
+
+
+class WithColumns(Sequence):
+  """Records of `source` with per-record values added: record i gets `{k: v[i]}`."""
+
+  def __init__(self, source: Sequence, columns: dict[str, np.ndarray]):
+    for k, v in columns.items():
+      if len(v) != len(source):
+        raise ValueError(f"column {k!r} has {len(v)} values for the {len(source)} records of "
+                         f"{source!r}")
+    self.source, self.columns = source, columns
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int):
+    return dict(self.source[index], **{k: v[index] for k, v in self.columns.items()})
+
+  def __repr__(self) -> str:
+    return f"WithColumns({self.source!r}, {sorted(self.columns)})"

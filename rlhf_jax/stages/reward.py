@@ -72,26 +72,43 @@ def pair_rewards(model, params, batch: dict, pooling: str = "last") -> tuple[jax
   return rewards[:n], rewards[n:]
 
 
+# Per-pair float columns a record may carry into its example: gold scores (testbed
+# datasets) and precomputed reference log-probs (`dpo.precompute_reference`).
+PASSED_COLUMNS = ("chosen_score", "rejected_score", "reference_chosen_logps",
+                  "reference_rejected_logps")
+
+
 def preference_transform(tokenizer, seq_len: int):
-  """Record -> preference example, carrying gold scores when the dataset has them."""
+  """Record -> preference example, carrying the record's `PASSED_COLUMNS`."""
   base = collate.make_transform("preference", tokenizer, seq_len=seq_len)
 
   def transform(record):
     example = base(record)
-    if example is not None and "chosen_score" in record:
-      example["chosen_score"] = np.asarray(record["chosen_score"], np.float32)
-      example["rejected_score"] = np.asarray(record["rejected_score"], np.float32)
+    if example is not None:
+      for k in PASSED_COLUMNS:
+        if k in record:
+          example[k] = np.asarray(record[k], np.float32)
     return example
   return transform
 
 
-def make_preference_data(config: ml_collections.ConfigDict, workdir: str) -> loop.Data:
-  """Preference pairs for the reward and DPO stages; pairs that do not fit are counted."""
+def preference_splits(config: ml_collections.ConfigDict, workdir: str):
+  """(splits {'train', 'test'} of records, record -> example transform, source stats, the
+  prepared dataset's directory)."""
   dataset_dir, stats = sources.preferences(config.data, common.data_dir(config, workdir))
   splits = tfds_builders.load(dataset_dir, kind="preference")
   splits["train"] = pipeline.Head(splits["train"], config.data.max_train_records)
   tokenizer = tokenizers.make_tokenizer(config.tokenizer)
-  transform = preference_transform(tokenizer, config.data.seq_len)
+  return splits, preference_transform(tokenizer, config.data.seq_len), stats, dataset_dir
+
+
+def make_preference_data(config: ml_collections.ConfigDict, workdir: str,
+                         splits_fn=preference_splits) -> loop.Data:
+  """Preference pairs for the reward and DPO stages; pairs that do not fit are counted.
+
+  `splits_fn(config, workdir)` gives the splits and transform (the DPO stage adds
+  columns to the records through it)."""
+  splits, transform, stats, _ = splits_fn(config, workdir)
   train = pipeline.make_train_iterator(splits["train"], transform, config.data.batch_size,
                                        config.seed, jax.process_index(), jax.process_count())
 

@@ -98,3 +98,46 @@ def test_every_loss_trains_a_step(tmp_path, loss):
   config.dpo.loss = loss
   metrics = loop.train(config, str(tmp_path / loss), dpo)
   assert np.isfinite(metrics["dpo_loss"])
+
+
+def _train_losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(l) for l in f if '"train"' in l]
+
+
+def test_precomputed_reference_logps_train_as_the_step_does(tmp_path):
+  config = pair_config(dpo_config, tmp_path, num_steps=3)
+  config.optimizer.learning_rate = 1e-2
+  step_metrics = loop.train(config, str(tmp_path / "step"), dpo)
+  config.dpo.reference = "precompute"
+  workdir = str(tmp_path / "precompute")
+  pre_metrics = loop.train(config, workdir, dpo)
+  for a, b in zip(_train_losses(str(tmp_path / "step")), _train_losses(workdir)):
+    for k in ("loss", "rewards/margin", "rewards/chosen", "logps/rejected"):
+      np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  for k in ("dpo_loss", "rewards/accuracy", "rewards/margin"):
+    np.testing.assert_allclose(pre_metrics[k], step_metrics[k], rtol=1e-5, atol=1e-6)
+  # The cache: every record has a finite value; a fresh run reuses it; the state has no
+  # reference params (evaluation does not sample here).
+  cache = os.path.join(workdir, "reference_logps.npz")
+  with np.load(cache) as saved:
+    assert np.all(np.isfinite(saved["train/reference_chosen_logps"]))
+    assert len(saved["test/reference_rejected_logps"]) > 0
+  mtime = os.path.getmtime(cache)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+  with jax.set_mesh(mesh):
+    batch = next(dpo.make_data(config, workdir).train)
+    assert os.path.getmtime(cache) == mtime
+    assert {"reference_chosen_logps", "reference_rejected_logps"} <= set(batch)
+    assert "reference" not in dpo.init(config, jax.random.key(0), mesh).extras
+  config.data.seq_len = 40          # another layout: the cache is recomputed, not misread
+  with jax.set_mesh(mesh):
+    dpo.make_data(config, workdir)
+  assert os.path.getmtime(cache) != mtime
+
+
+def test_bad_reference_mode_names_the_field(tmp_path):
+  config = pair_config(dpo_config, tmp_path)
+  config.dpo.reference = "cached"
+  with pytest.raises(ValueError, match="config.dpo.reference"):
+    dpo.make_data(config, str(tmp_path))
