@@ -71,3 +71,17 @@ def test_reproduce_overoptimization_quick(pipeline_dir, tmp_path):
     assert all(b >= a - 1e-6 for a, b in zip(proxy, proxy[1:]))
   assert "alpha" in open(tmp_path / "overoptimization.md").read()
   assert os.path.getsize(tmp_path / "overoptimization.png") > 10_000
+
+
+def test_evaluate_policy_of_a_dpo_run_takes_the_references_prompts(pipeline_dir, tmp_path):
+  out = tmp_path / "eval.json"
+  run(["experiments.evaluate_policy", f"--policy={pipeline_dir}/dpo",
+       f"--reference={pipeline_dir}/sft", "--num_prompts=8", "--max_new_tokens=8",
+       f"--out={out}"])
+  with open(out) as f:
+    result = json.load(f)
+  assert result["num"] == 8 and result["kl"] is not None and -1.0 <= result["gold_mean"] <= 1.0
+  failed = subprocess.run([sys.executable, "-m", "experiments.evaluate_policy",
+                           f"--policy={pipeline_dir}/dpo", "--num_prompts=8"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+  assert failed.returncode != 0 and "--prompts_from" in failed.stderr

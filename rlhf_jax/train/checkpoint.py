@@ -77,9 +77,11 @@ def checkpoint_dir(path: str) -> tuple[str, int]:
 
 
 def _reader(directory: str) -> ocp.CheckpointManager:
-  """A read-only manager that can read parts of the state item."""
-  return ocp.CheckpointManager(directory, item_names=("state",),
-                               item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+  """A read-only manager that can read parts of the state item (the data item is known,
+  so that Orbax does not warn that it cannot restore it)."""
+  return ocp.CheckpointManager(directory, item_names=("state", "data"),
+                               item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                                              "data": ocp.JsonCheckpointHandler()})
 
 
 def load_params(path: str, like_params: Any) -> Any:
