@@ -223,6 +223,17 @@ def test_dispatcher_metrics():
   np.testing.assert_allclose(m['rewards/chosen'], np.mean(2.0 * PC / LENS_C), rtol=1e-5)
 
 
+def test_dispatcher_weights_drop_rows():
+  keep = np.arange(len(PC)) % 2 == 0
+  weights = keep.astype(np.float32)
+  loss, m = preference.preference_loss('sigmoid', PC, PR, RC, RR, beta=0.3, weights=weights)
+  expected, em = preference.preference_loss('sigmoid', PC[keep], PR[keep], RC[keep], RR[keep],
+                                            beta=0.3)
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)
+  for k in em:
+    np.testing.assert_allclose(m[k], em[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
 def test_dispatcher_jits_with_static_kind():
   f = jax.jit(functools.partial(preference.preference_loss, 'ipo', beta=0.5))
   np.testing.assert_allclose(f(PC, PR, RC, RR)[0], np.mean(preference.ipo_loss(PC, PR, RC, RR,
