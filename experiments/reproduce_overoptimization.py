@@ -91,9 +91,10 @@ def main(argv):
   for rm, rm_dir in proxies.items():
     proxy = pipeline.reward_model_scores(rm_dir, samples).reshape(bon_prompts, pool)
     for n in ns:
+      per_prompt = overopt.best_of_n_expectation(proxy, gold, n)
       rows.append({"method": "best-of-n", "rm": rm, "n_or_step": n,
-                   "kl": evaluation.best_of_n_kl(n),
-                   "gold": float(overopt.best_of_n_expectation(proxy, gold, n).mean()),
+                   "kl": evaluation.best_of_n_kl(n), "gold": float(per_prompt.mean()),
+                   "gold_stderr": _stderr(per_prompt),
                    "proxy": float(overopt.best_of_n_expectation(proxy, proxy, n).mean())})
 
   # RL: PPO against each proxy; every kept checkpoint evaluated.
@@ -114,8 +115,9 @@ def main(argv):
                                                out["prompt_mask"], out["response_tokens"],
                                                out["response_mask"], batch_size=sampling["batch_size"])
       kl, _ = evaluation.sequence_kl_estimate(out["logprobs"], ref, out["response_mask"])
+      gold = policy_lib.gold_scores(eval_prompts, out["texts"])
       rows.append({"method": "PPO", "rm": rm, "n_or_step": step, "kl": max(kl, 0.0),
-                   "gold": float(policy_lib.gold_scores(eval_prompts, out["texts"]).mean()),
+                   "gold": float(gold.mean()), "gold_stderr": _stderr(gold),
                    "proxy": float(pipeline.reward_model_scores(rm_dir, out).mean())})
       print(f"[overopt] PPO vs RM {rm} step {step}: KL {kl:.2f} gold {rows[-1]['gold']:.3f} "
             f"proxy {rows[-1]['proxy']:.3f}")
@@ -130,23 +132,35 @@ def main(argv):
       gain = np.array([r["gold"] for r in pts]) - pts[0]["gold"]
       alpha, beta = overopt.fit(form, d, gain)
       fits[(method, rm)] = overopt.fitted(form, alpha, beta)
-      peak = max(pts, key=lambda r: r["gold"])
-      fit_lines.append(f"| {method} | {rm} | {alpha:.4f} | {beta:.4f} | {peak['d']:.2f} | "
-                       f"{'yes' if peak['gold'] > pts[-1]['gold'] + 1e-9 else 'no'} | "
-                       f"{'yes' if pts[-1]['proxy'] >= max(r['proxy'] for r in pts) - 1e-9 else 'no'} |")
+      # Peak and fall in optimisation order (n, or PPO step): KL need not grow every step.
+      ordered = sorted(pts, key=lambda r: r["n_or_step"])
+      peak, end = max(ordered, key=lambda r: r["gold"]), ordered[-1]
+      fall = end["gold"] - peak["gold"]
+      two_se = 2 * math.hypot(peak["gold_stderr"], end["gold_stderr"])
+      fit_lines.append(
+          f"| {method} | {rm} | {alpha:.4f} | {beta:.4f} | {peak['kl']:.2f} | {peak['gold']:.3f} | "
+          f"{fall:+.3f} ± {two_se:.3f} | {'yes' if -fall > two_se else 'no'} | "
+          f"{ordered[0]['proxy']:.2f} -> {end['proxy']:.2f} |")
 
   with open(os.path.join(root, "overoptimization.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, ["method", "rm", "n_or_step", "kl", "d", "gold", "proxy"])
+    writer = csv.DictWriter(f, ["method", "rm", "n_or_step", "kl", "d", "gold", "gold_stderr",
+                                "proxy"])
     writer.writeheader()
     writer.writerows(rows)
-  table = ["| method | proxy RM pairs | alpha | beta | d at gold peak | gold falls after peak | "
-           "proxy highest at the end |", "|---|---|---|---|---|---|---|"] + fit_lines
+  table = ["| method | proxy RM pairs | alpha | beta | KL at gold peak | gold at peak | "
+           "gold at the end - peak (± 2 s.e.) | gold falls | proxy, start -> end |",
+           "|---|---|---|---|---|---|---|---|---|"] + fit_lines
   with open(os.path.join(root, "overoptimization.md"), "w") as f:
     f.write("\n".join(table) + "\n")
   plots.overoptimization({m: [r for r in rows if r["method"] == m] for m in ("best-of-n", "PPO")},
                          fits, os.path.join(root, "overoptimization.png"))
   print("\n".join(table))
   print(f"[overopt] wrote {root}/overoptimization.png, .csv, .md")
+
+
+def _stderr(x) -> float:
+  x = np.asarray(x, np.float64)
+  return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
 
 
 if __name__ == "__main__":
