@@ -28,29 +28,43 @@ def frontier(rows: list[dict], path: str) -> None:
 
 
 def overoptimization(panels: dict[str, list[dict]], fits: dict, path: str) -> None:
-  """Gold (solid) and proxy (dashed) reward against sqrt(KL), one panel per method.
+  """Gold (solid, left axis) and proxy (dashed, right axis) reward against sqrt(KL), one
+  panel per method. The proxies are on their own, unbounded scales: sharing the gold
+  reward's [-1, 1] axis would flatten it.
 
-  panels: method -> rows with keys rm (proxy RM name), d (sqrt KL), gold, proxy.
+  panels: method -> rows with keys rm (proxy RM name), d (sqrt KL), gold, proxy, and
+    optionally gold_stderr (drawn as a band).
   fits: (method, rm) -> callable d -> fitted gold reward gain (plotted dotted).
   """
-  fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+  fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
   for ax, (method, rows) in zip(axes[0], panels.items()):
+    proxy_ax = ax.twinx()
     rms = list(dict.fromkeys(r["rm"] for r in rows))
     for i, rm in enumerate(rms):
       pts = sorted((r for r in rows if r["rm"] == rm), key=lambda r: r["d"])
       d = np.array([r["d"] for r in pts])
-      ax.plot(d, [r["gold"] for r in pts], "o-", color=f"C{i}", label=f"gold, RM {rm}")
-      ax.plot(d, [r["proxy"] for r in pts], "s--", color=f"C{i}", alpha=0.6, label=f"proxy, RM {rm}")
+      gold = np.array([r["gold"] for r in pts])
+      ax.plot(d, gold, "o-", color=f"C{i}", label=f"gold, RM {rm}")
+      if all("gold_stderr" in r for r in pts):
+        err = np.array([r["gold_stderr"] for r in pts])
+        ax.fill_between(d, gold - err, gold + err, color=f"C{i}", alpha=0.15)
+      proxy_ax.plot(d, [r["proxy"] for r in pts], "s--", color=f"C{i}", alpha=0.5, ms=4,
+                    label=f"proxy, RM {rm}")
       fit = fits.get((method, rm))
       if fit is not None:
         grid = np.linspace(0, d.max(), 100)
         ax.plot(grid, fit(grid) + pts[0]["gold"] - fit(np.asarray(pts[0]["d"])), ":",
                 color=f"C{i}", label=f"fit, RM {rm}")
     ax.set_xlabel("sqrt(KL(policy || SFT)), sqrt(nats)")
-    ax.set_ylabel("reward")
-    ax.set_title(method)
+    ax.set_ylabel("gold reward (solid; dotted: fit; band: ± 1 s.e.)")
+    proxy_ax.set_ylabel("proxy reward (dashed; each RM on its own scale)")
+    ax.set_title(f"{method}: n = 1 .. 256" if method == "best-of-n" else
+                 f"{method}: checkpoints over training")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    handles = ax.get_legend_handles_labels()
+    proxy_handles = proxy_ax.get_legend_handles_labels()
+    ax.legend(handles[0] + proxy_handles[0], handles[1] + proxy_handles[1], fontsize=7,
+              loc="upper left")
   fig.suptitle("Reward-model over-optimisation (after Gao et al. 2022, fig. 1)")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
