@@ -90,7 +90,11 @@ def reference_logps(config, workdir: str, splits: dict, transform, dataset_dir: 
   if mesh.empty:
     mesh = sharding_lib.make_mesh(config.mesh)
   model = common.make_model(config)
-  params = common.init_state(config, model, loop.run_keys(config.seed)[0], mesh).params
+  # The params `init` starts from (same key), without building an optimizer state.
+  params, _ = sharding_lib.init_sharded(
+      lambda r: model.init(r, *common.dummy_inputs())["params"], loop.run_keys(config.seed)[0],
+      mesh, sharding_lib.rules(config))
+  params = common.load_initial_params(config, params)
   fn = jax.jit(lambda p, b: sequence_logps(model, p, b)[:2])
   size = config.data.eval_batch_size
   out = {}
