@@ -15,9 +15,10 @@ One step is one iteration, a single pure function:
      the KV-cache sampler; full forward passes give the policy's and the reference's
      per-token log-probs (logits / temperature, so the first ratio is exactly 1), the
      critic's values, and the reward function's sequence score;
-  2. advantages (online DPO: pairs instead, `preference_pairs`): PPO shapes per-token rewards (-beta KL_t, plus the score at the last
+  2. advantages: PPO shapes per-token rewards (-beta KL_t, plus the score at the last
      token) and runs GAE; RLOO uses the KL-penalised sequence reward minus the
      leave-one-out mean; GRPO the group-normalised score (its KL is in the loss);
+     online DPO forms pairs instead (`preference_pairs`);
   3. `epochs` passes over the rollout in `num_minibatches` shuffled minibatches inside
      `lax.scan`, one optimizer update each (clipped surrogate, clipped value loss,
      entropy bonus; global-norm clipping is in the optimizer);
