@@ -53,10 +53,11 @@ def prompts_run(policy_path: str, reference_path: str = "", prompts_from: str = 
   """The run whose config gives the held-out prompts (see --prompts_from)."""
   if prompts_from:
     return prompts_from
-  if policy_lib.read_config(policy_path).get("stage") in PAIR_STAGES:
+  stage = policy_lib.read_config(policy_path).get("stage")
+  if stage in PAIR_STAGES:
     if not reference_path:
-      raise ValueError(f"{policy_path}: a {policy_lib.read_config(policy_path).stage} run has "
-                       "preference pairs, not prompts; pass --reference or --prompts_from")
+      raise ValueError(f"{policy_path}: a {stage} run has preference pairs, not prompts; pass "
+                       "--reference or --prompts_from")
     return reference_path
   return policy_path
 
@@ -72,12 +73,12 @@ def evaluate(policy_path: str, reference_path: str = "", *, num_prompts: int | N
                  top_k=options["top_k"], top_p=options["top_p"],
                  batch_size=options["eval_batch_size"])
   options.update({k: v for k, v in sampling.items() if v is not None})
-  source = prompts_run(policy_path, reference_path, prompts_from)
-  prompt_config = policy_lib.read_config(source)
-  prompt_len = prompt_config.data.prompt_len
   if unconditional:
     prompts, prompt_len = [""] * num_prompts, 1
   else:
+    source = prompts_run(policy_path, reference_path, prompts_from)
+    prompt_config = policy_lib.read_config(source)
+    prompt_len = prompt_config.data.prompt_len
     prompts = policy_lib.heldout_prompts(
         prompt_config, data_dir or common.data_dir(prompt_config, source), split, num_prompts)
   _, model, params = policy_lib.load_policy(policy_path)
