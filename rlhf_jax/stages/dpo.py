@@ -216,15 +216,20 @@ def pair_prompts(batch: dict, prompt_len: int, pad_id: int) -> dict:
 
 
 def _prompt_batches(config, batches, pad_id: int):
-  """Prompt batches of the held-out pairs, up to `config.dpo.eval_prompts` real rows."""
-  left = config.dpo.eval_prompts
-  for batch in batches:
-    if left <= 0:
+  """Prompt batches of the first `config.dpo.eval_prompts` held-out pairs.
+
+  Rows are cut by their index in the global batch, so every process yields the same
+  number of batches (each one is a collective step) whatever its share of real rows.
+  """
+  size = config.data.eval_batch_size
+  per_process = size // jax.process_count()
+  for b, batch in enumerate(batches):
+    if b * size >= config.dpo.eval_prompts:
       return
     prompts = pair_prompts(batch, config.data.prompt_len, pad_id)
-    keep = np.cumsum(prompts["valid"] == 1) <= left
-    prompts["valid"] = np.where(keep, prompts["valid"], 0).astype(np.int32)
-    left -= int(prompts["valid"].sum())
+    rows = b * size + jax.process_index() * per_process + np.arange(per_process)
+    prompts["valid"] = np.where(rows < config.dpo.eval_prompts, prompts["valid"], 0
+                                ).astype(np.int32)
     yield prompts
 
 

@@ -141,3 +141,24 @@ def test_bad_reference_mode_names_the_field(tmp_path):
   config.dpo.reference = "cached"
   with pytest.raises(ValueError, match="config.dpo.reference"):
     dpo.make_data(config, str(tmp_path))
+
+
+def test_eval_prompt_batches_cut_by_global_row_on_every_process(monkeypatch):
+  config = dpo_config.get_config()
+  config.data.update(eval_batch_size=8, prompt_len=6)
+  config.dpo.eval_prompts = 11
+  tokenizer = tokenizers.make_tokenizer(config.tokenizer)
+  example = collate.preference_example(tokenizer, "Review", " fine.", " bad.", 48)
+  kept = []
+  for process in range(2):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda p=process: p)
+    # Three global batches of 8; this process holds rows [4p, 4p + 4) of each.
+    batches = [{**{k: np.stack([v] * 4) for k, v in example.items()},
+                "valid": np.ones(4, np.int32)} for _ in range(3)]
+    out = list(dpo._prompt_batches(config, batches, tokenizer.pad_id))
+    assert len(out) == 2                                   # ceil(11 / 8) on every process
+    kept.append(np.concatenate([b["valid"] for b in out]))
+  # Global rows 0..10 are kept: batch 0 all 8, batch 1 rows 8, 9, 10 (process 0's first 3).
+  np.testing.assert_array_equal(kept[0], [1, 1, 1, 1, 1, 1, 1, 0])
+  np.testing.assert_array_equal(kept[1], [1, 1, 1, 1, 0, 0, 0, 0])
