@@ -132,15 +132,20 @@ def explained_variance(values, returns, mask):
   return 1.0 - var(returns - values) / jnp.maximum(var(returns), 1e-8)
 
 
+def penalised_scores(config: ml_collections.ConfigDict, ro: dict) -> jax.Array:
+  """`[batch]` scores less `missing_eos_penalty` for responses that never emit EOS
+  (Huang et al. 2024, detail "EOS trick")."""
+  return ro["scores"] - jnp.where(ro["contains_eos"], 0.0, config.ppo.missing_eos_penalty)
+
+
 def advantages(config: ml_collections.ConfigDict, ro: dict, kl_coef) -> tuple[dict, dict]:
   """Adds the algorithm's advantages (and PPO's returns) to the rollout; returns metrics.
 
-  Scores pass through `missing_eos_penalty` first (subtracted from responses that
-  never emit EOS; Huang et al. 2024, detail "EOS trick").
+  Scores pass through `penalised_scores` first.
   """
   pc = config.ppo
   mask = ro["response_mask"]
-  scores = ro["scores"] - jnp.where(ro["contains_eos"], 0.0, pc.missing_eos_penalty)
+  scores = penalised_scores(config, ro)
   penalty = pg.kl_penalty(ro["logprobs"], ro["ref_logprobs"], pc.kl_estimator)
   sequence_penalty = _sequence_sum(penalty, mask)
   rlhf_reward = scores - kl_coef * sequence_penalty
@@ -301,7 +306,8 @@ def make_step(config: ml_collections.ConfigDict):
     ro = rollout_lib.rollout(config, models, reward_fn, state.params, state.extras,
                              prompt_tokens, prompt_mask, rollout_rng)
     if online_dpo:
-      data, metrics = preference_pairs(ro, pc.samples_per_prompt)
+      data, metrics = preference_pairs(dict(ro, scores=penalised_scores(config, ro)),
+                                       pc.samples_per_prompt)
     else:
       ro, metrics = advantages(config, ro, kl_coef)
       data = {k: v for k, v in ro.items() if k in _TRAIN_KEYS}
