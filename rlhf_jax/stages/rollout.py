@@ -158,7 +158,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
            f"{pc.temperature}")
   rows, what = ((config.data.batch_size, "pairs (config.data.batch_size)")
                 if pc.algorithm == "online_dpo" else
-                (rollout_batch_size(config), "(config.data.batch_size x samples_per_prompt)"))
+                (rollout_batch_size(config),
+                 "responses (config.data.batch_size x samples_per_prompt)"))
   if rows % (pc.num_minibatches * config.optimizer.grad_accum_steps):
     fail("num_minibatches", f"the rollout's {rows} {what} do not split into "
          f"{pc.num_minibatches} minibatches of {config.optimizer.grad_accum_steps} micro-batches")
