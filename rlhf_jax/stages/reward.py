@@ -73,7 +73,7 @@ def pair_rewards(model, params, batch: dict, pooling: str = "last") -> tuple[jax
 
 
 # Per-pair float columns a record may carry into its example: gold scores (testbed
-# datasets) and precomputed reference log-probs (`dpo.precompute_reference`).
+# datasets) and precomputed reference log-probs (`config.dpo.reference = "precompute"`).
 PASSED_COLUMNS = ("chosen_score", "rejected_score", "reference_chosen_logps",
                   "reference_rejected_logps")
 
