@@ -10,6 +10,7 @@ import ml_collections
 from rlhf_jax.model import sampling
 from rlhf_jax.model import transformer
 from rlhf_jax.train import checkpoint as checkpoint_lib
+from rlhf_jax.train import optimizer as optimizer_lib
 from rlhf_jax.train import sharding as sharding_lib
 from rlhf_jax.train import state as state_lib
 
@@ -35,7 +36,7 @@ def init_state(config: ml_collections.ConfigDict, model: transformer.Transformer
   `extras_fn(params) -> dict` builds frozen extras from the (possibly loaded)
   params, e.g. `lambda p: {'reference': p}` for a frozen reference policy.
   """
-  tx = state_lib.make_optimizer(config.optimizer, config.train.num_steps)
+  tx = optimizer_lib.make_optimizer(config.optimizer, config.train.num_steps).tx
   axis_rules = sharding_lib.rules(config)
 
   def init_fn(r):

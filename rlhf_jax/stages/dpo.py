@@ -182,9 +182,7 @@ def make_step(config):
     del rng
     return dpo_loss_and_metrics(config.dpo, model, params, extras.get("reference"), batch)
 
-  tx = state_lib.make_optimizer(config.optimizer, config.train.num_steps)
-  schedule = state_lib.learning_rate_schedule(config.optimizer, config.train.num_steps)
-  return step_lib.make_train_step(loss_fn, tx, schedule, config.optimizer.grad_accum_steps)
+  return step_lib.make_train_step(loss_fn, config)
 
 
 @functools.cache

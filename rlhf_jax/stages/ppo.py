@@ -47,6 +47,7 @@ from rlhf_jax.stages import common
 from rlhf_jax.stages import rollout as rollout_lib
 from rlhf_jax.train import checkpoint as checkpoint_lib
 from rlhf_jax.train import loop
+from rlhf_jax.train import optimizer as optimizer_lib
 from rlhf_jax.train import sharding as sharding_lib
 from rlhf_jax.train import state as state_lib
 from rlhf_jax.train import step as step_lib
@@ -86,7 +87,7 @@ def init(config: ml_collections.ConfigDict, rng: jax.Array, mesh) -> state_lib.T
   the policy's trunk; a value head that does not come from the reward model starts at 0."""
   models = rollout_lib.make_models(config)
   pc = config.ppo
-  tx = state_lib.make_optimizer(config.optimizer, num_updates(config))
+  tx = optimizer_lib.make_optimizer(config.optimizer, num_updates(config)).tx
 
   def init_fn(r):
     r_policy, r_critic, r_reward = jax.random.split(r, 3)
@@ -269,8 +270,7 @@ def make_step(config: ml_collections.ConfigDict):
   models = rollout_lib.make_models(config)
   reward_fn = rollout_lib.make_reward_fn(config, models)
   pc = config.ppo
-  tx = state_lib.make_optimizer(config.optimizer, num_updates(config))
-  schedule = state_lib.learning_rate_schedule(config.optimizer, num_updates(config))
+  tx, schedule = optimizer_lib.make_optimizer(config.optimizer, num_updates(config))
   online_dpo = pc.algorithm == "online_dpo"
   loss_fn = (online_dpo_loss_fn if online_dpo else make_loss_fn)(config, models)
   batch_size = rollout_lib.rollout_batch_size(config)

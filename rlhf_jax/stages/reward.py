@@ -157,9 +157,7 @@ def make_step(config):
     (loss, metrics), _ = loss_terms(config, model, params, batch)
     return loss, metrics
 
-  tx = state_lib.make_optimizer(config.optimizer, config.train.num_steps)
-  schedule = state_lib.learning_rate_schedule(config.optimizer, config.train.num_steps)
-  return step_lib.make_train_step(loss_fn, tx, schedule, config.optimizer.grad_accum_steps)
+  return step_lib.make_train_step(loss_fn, config)
 
 
 @functools.cache

@@ -62,9 +62,7 @@ def make_step(config):
     return sft_objective.sft_loss(logits_fn(model, params, batch), batch["tokens"],
                                   batch["loss_mask"])
 
-  tx = state_lib.make_optimizer(config.optimizer, config.train.num_steps)
-  schedule = state_lib.learning_rate_schedule(config.optimizer, config.train.num_steps)
-  return step_lib.make_train_step(loss_fn, tx, schedule, config.optimizer.grad_accum_steps)
+  return step_lib.make_train_step(loss_fn, config)
 
 
 @functools.cache

@@ -1,11 +1,13 @@
-"""The gradient step shared by every supervised-style stage (SFT, reward, DPO)."""
+"""The gradient step every stage shares: gradients (with accumulation) and one update."""
 
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
+from rlhf_jax.train import optimizer as optimizer_lib
 from rlhf_jax.train.state import TrainState
 
 # loss_fn(params, extras, batch, rng) -> (scalar loss, metrics dict of scalars)
@@ -45,13 +47,23 @@ def gradients(loss_fn: LossFn, params, extras, batch: dict, rng: jax.Array,
   return grads, jax.tree.map(jnp.mean, metrics)
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    accum_steps: int = 1):
-  """(state, batch, rng) -> (state, metrics): one optimizer update on `loss_fn`."""
+def update(loss_fn: LossFn, optimizer: optimizer_lib.Optimizer, state: TrainState, batch: dict,
+           rng: jax.Array, accum_steps: int = 1) -> tuple[TrainState, dict]:
+  """One optimizer update of `state` on `loss_fn` over `batch`; metrics gain grad_norm and
+  learning_rate. Every stage's update goes through here (the RL stage once per minibatch)."""
+  grads, metrics = gradients(loss_fn, state.params, state.extras, batch, rng, accum_steps)
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
+                 learning_rate=optimizer.schedule(state.step))
+  return state.apply_gradients(grads, optimizer.tx), metrics
+
+
+def make_train_step(loss_fn: LossFn, config: ml_collections.ConfigDict):
+  """(state, batch, rng) -> (state, metrics): the supervised step of SFT, reward and DPO, one
+  optimizer update on `loss_fn` (with `config.optimizer.grad_accum_steps` micro-batches)."""
+  optimizer = optimizer_lib.make_optimizer(config.optimizer, config.train.num_steps)
+  accum_steps = config.optimizer.grad_accum_steps
 
   def train_step(state: TrainState, batch: dict, rng: jax.Array):
-    grads, metrics = gradients(loss_fn, state.params, state.extras, batch, rng, accum_steps)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step))
-    return state.apply_gradients(grads, tx), metrics
+    return update(loss_fn, optimizer, state, batch, rng, accum_steps)
 
   return train_step

@@ -30,7 +30,7 @@ def make_config(stage: str, overrides: dict):
   module = importlib.import_module(f"configs.{'base' if stage == 'toy' else stage}")
   config = module.get_config()
   if stage == "toy":
-    config.stage, config.nan_at = "toy", 0
+    config.stage, config.nan_at = "example", 0
   config.update_from_flattened_dict(overrides)
   return config
 
@@ -65,7 +65,7 @@ def run_train(job: dict) -> dict:
 def run_sigterm(job: dict, process_id: int) -> dict:
   import jax
   from rlhf_jax.train import loop
-  from tests.train import toy_stage
+  from rlhf_jax.stages import example as toy_stage
   original_next = toy_stage.CountingIterator.__next__
 
   def next_with_signal(self):

@@ -8,12 +8,12 @@ import pytest
 
 from configs import base
 from rlhf_jax.train import loop
-from tests.train import toy_stage
+from rlhf_jax.stages import example as toy_stage
 
 
 def toy_config(**train):
   c = base.get_config()
-  c.stage = "toy"
+  c.stage = "example"
   c.data.batch_size = 8
   c.train.update(num_steps=12, log_every=2, eval_every=0, checkpoint_every=4, keep_checkpoints=5)
   c.train.update(**train)
