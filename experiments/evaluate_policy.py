@@ -17,9 +17,9 @@ import time
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 
+from experiments import common
 from rlhf_jax.stages import common
 from rlhf_jax.testbed import policy as policy_lib
 
@@ -116,8 +116,7 @@ def format_table(result: dict) -> str:
 
 def main(argv):
   del argv
-  if not flags.FLAGS["verbosity"].present:   # Orbax logs every file it reads at INFO
-    logging.set_verbosity(logging.WARNING)
+  common.quiet_logging()
   try:
     result = evaluate(
         _POLICY.value, _REFERENCE.value, num_prompts=_NUM_PROMPTS.value,

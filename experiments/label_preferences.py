@@ -20,8 +20,8 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 
+from experiments import common
 from rlhf_jax.testbed.labelling import label
 
 _POLICY = flags.DEFINE_string("policy", None, "Workdir of the policy run to sample from.")
@@ -56,8 +56,7 @@ flags.mark_flags_as_required(["policy", "out"])
 
 def main(argv):
   del argv
-  if not flags.FLAGS["verbosity"].present:   # Orbax logs every file it reads at INFO
-    logging.set_verbosity(logging.WARNING)
+  common.quiet_logging()
   try:
     dataset_dir = label(
         _POLICY.value, _OUT.value, k=_K.value, temperature=_TEMPERATURE.value,

@@ -14,10 +14,10 @@ import os
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from configs import pipeline as pipeline_config
+from experiments import common
 from rlhf_jax.testbed import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -31,8 +31,7 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
   del argv
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  common.quiet_logging()
   pipeline.run(_CONFIG.value, _WORKDIR.value, until=_UNTIL.value)
 
 

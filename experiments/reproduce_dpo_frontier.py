@@ -15,11 +15,11 @@ import os
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 from ml_collections import config_flags
 
 from configs import pipeline as pipeline_config
+from experiments import common
 from rlhf_jax.testbed import pipeline
 from rlhf_jax.testbed import plots
 from rlhf_jax.testbed import policy as policy_lib
@@ -45,17 +45,17 @@ def variants(config, root, dirs, seeds, betas, kl_coefs):
     for beta in betas:
       c = pipeline.dpo_config(config, root, dirs)
       c.update(seed=seed)
-      c.dpo.beta = beta
+      c.preference.beta = beta
       out.append(("DPO", f"beta={beta}", seed, c))
     for kl in kl_coefs:
       c = pipeline.ppo_config(config, root, dirs)
       c.update(seed=seed)
-      c.ppo.kl_coef = kl
+      c.rl.kl_coef = kl
       out.append(("PPO (learned RM)", f"kl_coef={kl}", seed, c))
     c = pipeline.ppo_config(config, root, dirs)
     c.update(seed=seed)
-    c.ppo.reward = "gold"
-    out.append(("PPO (gold reward)", f"kl_coef={c.ppo.kl_coef}", seed, c))
+    c.rl.reward = "gold"
+    out.append(("PPO (gold reward)", f"kl_coef={c.rl.kl_coef}", seed, c))
     c = pipeline.stage_config(config, "sft", root, checkpoint=dirs["sft"])
     c.update(seed=seed)
     c.data.update(pipeline.preference_data(dirs))     # the chosen responses
@@ -67,8 +67,7 @@ def variants(config, root, dirs, seeds, betas, kl_coefs):
 
 def main(argv):
   del argv
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  common.quiet_logging()
   config = pipeline.resolve(_CONFIG.value)
   if _QUICK.value:
     pipeline_config.make_quick(config)

@@ -18,12 +18,12 @@ import os
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 from ml_collections import config_flags
 import numpy as np
 
 from configs import pipeline as pipeline_config
+from experiments import common
 from rlhf_jax.data import tfds_builders
 from rlhf_jax.testbed import evaluation
 from rlhf_jax.testbed import overoptimization as overopt
@@ -48,8 +48,7 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
   del argv
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  common.quiet_logging()
   config = pipeline.resolve(_CONFIG.value)
   if _QUICK.value:
     pipeline_config.make_quick(config)

@@ -12,10 +12,10 @@ import json
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 from ml_collections import config_flags
 
+from experiments import common
 from rlhf_jax import stages
 from rlhf_jax.train import distributed
 from rlhf_jax.train import loop
@@ -29,15 +29,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process, in [0, num_p
 _LOCAL_DEVICES = flags.DEFINE_string("local_device_ids", "", "Comma-separated devices this process uses.")
 
 
-def quiet_logging() -> None:
-  """absl WARNING unless --verbosity was given: Orbax logs every file it writes at INFO."""
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-
-
 def main(argv):
   del argv
-  quiet_logging()
+  common.quiet_logging()
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          _LOCAL_DEVICES.value)
   config = _CONFIG.value

@@ -1,15 +1,15 @@
-"""Named data sources of the config -> prepared TFDS datasets.
+"""The data-source registry: `config.data.source` -> a prepared TFDS dataset of one kind.
 
-`config.data.source` picks where records come from:
-  testbed  the sentiment testbed's generated corpus (no file needed; the default)
+A source provides some of the record kinds (text, demonstration, preference, prompt):
   jsonl    `config.data.train_file` (+ `eval_file`, or a seeded split of the train file)
   alpaca   the Alpaca seed-task format (demonstrations)
   hh       the Anthropic HH-RLHF format (preferences)
   dataset  `config.data.dataset_dir`, a dataset already prepared by `tfds_builders.prepare`
            (e.g. simulated preferences written by `experiments.label_preferences`)
-Each function returns (dataset_dir, stats). A dataset's name is a digest of the
-settings and file contents it is made from, so a changed file or setting prepares
-a new dataset and an unchanged one is reused.
+and a testbed registers its own on import (`rlhf_jax.testbed` registers `testbed`, the
+sentiment corpus). `prepare(kind, config.data, data_dir)` returns (dataset_dir, stats). A
+dataset's name is a digest of the settings and file contents it is made from, so a
+changed file or setting prepares a new dataset and an unchanged one is reused.
 """
 
 import fcntl
@@ -24,14 +24,55 @@ import tensorflow_datasets as tfds
 
 from rlhf_jax.data import jsonl
 from rlhf_jax.data import tfds_builders
-from rlhf_jax.testbed import corpus
+from rlhf_jax import registry
 
-_FILE_FORMATS = {  # (source, kind) -> jsonl.read format
-    ("jsonl", "demonstration"): "demonstration",
-    ("alpaca", "demonstration"): "alpaca",
-    ("jsonl", "preference"): "preference",
-    ("hh", "preference"): "hh",
-}
+KINDS = ("text", "demonstration", "preference", "prompt")
+
+# fn(config.data, data_dir) -> (dataset_dir, stats)
+Provider = Callable[[ml_collections.ConfigDict, str], tuple[str, dict]]
+
+# source name -> {kind: provider}
+SOURCES: registry.Registry[dict[str, Provider]] = registry.Registry(
+    "data source", "config.data.source",
+    hint="a testbed registers its sources on import, e.g. `import rlhf_jax.testbed`")
+
+
+def register(name: str, **providers: Provider) -> None:
+  """Registers source `name` with a provider for each record kind it can give."""
+  unknown = set(providers) - set(KINDS)
+  if unknown:
+    raise ValueError(f"data source {name!r}: unknown kinds {sorted(unknown)}; kinds: {KINDS}")
+  SOURCES.register(name, providers)
+
+
+def prepare(kind: str, dc: ml_collections.ConfigDict, data_dir: str) -> tuple[str, dict]:
+  """The `kind` records of source `config.data.source`, prepared under `data_dir`."""
+  providers = SOURCES.get(dc.source)
+  if kind not in providers:
+    able = [n for n in SOURCES.names() if kind in SOURCES.get(n)]
+    raise ValueError(f"config.data.source={dc.source!r} cannot provide {kind} data; sources "
+                     f"that can: {', '.join(able)}")
+  return providers[kind](dc, data_dir)
+
+
+def texts(dc: ml_collections.ConfigDict, data_dir: str) -> tuple[str, dict]:
+  """Plain text for pretraining."""
+  return prepare("text", dc, data_dir)
+
+
+def demonstrations(dc: ml_collections.ConfigDict, data_dir: str) -> tuple[str, dict]:
+  """(prompt, response) pairs for SFT."""
+  return prepare("demonstration", dc, data_dir)
+
+
+def preferences(dc: ml_collections.ConfigDict, data_dir: str) -> tuple[str, dict]:
+  """(prompt, chosen, rejected) pairs for reward models and DPO."""
+  return prepare("preference", dc, data_dir)
+
+
+def prompts(dc: ml_collections.ConfigDict, data_dir: str) -> tuple[str, dict]:
+  """Prompts for sampling stages."""
+  return prepare("prompt", dc, data_dir)
 
 
 def _digest(*parts) -> str:
@@ -55,12 +96,8 @@ def _split_records(records: list, eval_fraction: float, seed: int) -> dict[str, 
           "test": [r for i, r in enumerate(records) if i in test]}
 
 
-def _from_files(dc: ml_collections.ConfigDict, kind: str) -> tuple[dict[str, list], dict]:
-  fmt = _FILE_FORMATS.get((dc.source, kind))
-  if fmt is None:
-    raise ValueError(f"config.data.source={dc.source!r} cannot provide {kind} data "
-                     f"(choose from {sorted(s for s, k in _FILE_FORMATS if k == kind)}, "
-                     "testbed or dataset)")
+def _from_files(dc: ml_collections.ConfigDict, fmt: str) -> tuple[dict[str, list], dict]:
+  """Train and test records of `config.data.train_file` (and `eval_file`) in jsonl format `fmt`."""
   if not dc.train_file:
     raise ValueError(f"config.data.train_file must name a file for source {dc.source!r}")
   records, stats = jsonl.read(fmt, dc.train_file, on_error=dc.on_error)
@@ -77,9 +114,11 @@ def _from_files(dc: ml_collections.ConfigDict, kind: str) -> tuple[dict[str, lis
   return splits, stats
 
 
-def _prepare(kind: str, dc: ml_collections.ConfigDict, data_dir: str,
-             make_splits: Callable[[], tuple[dict[str, list], dict]], settings: dict,
-             with_scores: bool = False) -> tuple[str, dict]:
+def prepare_records(kind: str, dc: ml_collections.ConfigDict, data_dir: str,
+                    make_splits: Callable[[], tuple[dict[str, list], dict]],
+                    settings: dict) -> tuple[str, dict]:
+  """Prepares `make_splits() -> ({split: records}, stats)` once as a `kind` dataset named by
+  the source and a digest of `settings` and the data files; later calls reuse it."""
   name = f"{dc.source}-{_digest(kind, settings, dc.train_file, dc.eval_file)}"
   dataset_dir = os.path.join(data_dir, kind, name, "1.0.0")
   os.makedirs(os.path.dirname(dataset_dir), exist_ok=True)
@@ -92,75 +131,16 @@ def _prepare(kind: str, dc: ml_collections.ConfigDict, data_dir: str,
     tfds.disable_progress_bar()
     dataset_dir = tfds_builders.prepare(
         kind, name, {s: (lambda rows=rows: rows) for s, rows in splits.items()}, data_dir,
-        metadata={"source": dc.source, "settings": settings, "stats": stats},
-        with_scores=with_scores)
+        metadata={"source": dc.source, "settings": settings, "stats": stats})
   return dataset_dir, stats
 
 
-def _testbed_reviews(dc) -> dict[str, list[str]]:
-  return corpus.corpus_splits(dc.corpus_seed, num_train=dc.corpus_train, num_test=dc.corpus_test)
-
-
-def _testbed_settings(dc) -> dict:
-  return {"corpus_seed": dc.corpus_seed, "corpus_train": dc.corpus_train,
-          "corpus_test": dc.corpus_test}
-
-
-def texts(dc: ml_collections.ConfigDict, data_dir: str) -> tuple[str, dict]:
-  """Pretraining text: the testbed corpus."""
-  if dc.source != "testbed":
-    raise ValueError(f"config.data.source={dc.source!r}: pretraining reads the testbed corpus")
-  def make():
-    reviews = _testbed_reviews(dc)
-    return {s: [{"text": t} for t in rows] for s, rows in reviews.items()}, {}
-  return _prepare("text", dc, data_dir, make, _testbed_settings(dc))
-
-
-def demonstrations(dc: ml_collections.ConfigDict, data_dir: str) -> tuple[str, dict]:
-  """(prompt, response) pairs: testbed review continuations, JSONL / Alpaca files, or a
-  prepared dataset; a preference dataset gives its chosen responses ("preferred-FT")."""
-  if dc.source == "dataset" and _kind_of(dc) == "preference":
-    def make():
-      splits = tfds_builders.load(dc.dataset_dir, kind="preference")
-      return {s: [{"prompt": r["prompt"], "response": r["chosen"]}
-                  for r in src.__getitems__(range(len(src)))] for s, src in splits.items()}, {}
-    return _prepare("demonstration", dc, data_dir, make,
-                    {"chosen_of": os.path.abspath(dc.dataset_dir)})
-  if dc.source == "dataset":
-    return _existing(dc, "demonstration")
-  if dc.source == "testbed":
-    def make():
-      reviews = _testbed_reviews(dc)
-      return {s: corpus.demonstrations(rows, seed=dc.corpus_seed + i)
-              for i, (s, rows) in enumerate(sorted(reviews.items()))}, {}
-    return _prepare("demonstration", dc, data_dir, make, _testbed_settings(dc))
-  settings = {"on_error": dc.on_error, "eval_fraction": dc.eval_fraction, "split_seed": dc.split_seed}
-  return _prepare("demonstration", dc, data_dir, lambda: _from_files(dc, "demonstration"), settings)
-
-
-def preferences(dc: ml_collections.ConfigDict, data_dir: str) -> tuple[str, dict]:
-  """(prompt, chosen, rejected) pairs: JSONL / HH files or a prepared (simulated) dataset."""
-  if dc.source == "dataset":
-    return _existing(dc, "preference")
-  if dc.source == "testbed":
-    raise ValueError("config.data.source='testbed' has no preference pairs of its own: label "
-                     "some with experiments.label_preferences and use source='dataset'")
-  settings = {"on_error": dc.on_error, "eval_fraction": dc.eval_fraction, "split_seed": dc.split_seed}
-  return _prepare("preference", dc, data_dir, lambda: _from_files(dc, "preference"), settings)
-
-
-def prompts(dc: ml_collections.ConfigDict, data_dir: str) -> tuple[str, dict]:
-  """Prompts for sampling: prefixes of testbed reviews (held-out reviews give the test split)."""
-  if dc.source == "dataset":
-    return _existing(dc, "prompt")
-  if dc.source != "testbed":
-    raise ValueError(f"config.data.source={dc.source!r}: prompts come from the testbed "
-                     "or a prepared dataset")
-  def make():
-    reviews = _testbed_reviews(dc)
-    return {s: [{"prompt": p} for p in corpus.prompts_from_reviews(rows, seed=dc.corpus_seed + i)]
-            for i, (s, rows) in enumerate(sorted(reviews.items()))}, {}
-  return _prepare("prompt", dc, data_dir, make, _testbed_settings(dc))
+def _file_provider(kind: str, fmt: str) -> Provider:
+  def provide(dc, data_dir):
+    settings = {"on_error": dc.on_error, "eval_fraction": dc.eval_fraction,
+                "split_seed": dc.split_seed}
+    return prepare_records(kind, dc, data_dir, lambda: _from_files(dc, fmt), settings)
+  return provide
 
 
 def _kind_of(dc: ml_collections.ConfigDict) -> str:
@@ -175,3 +155,24 @@ def _existing(dc: ml_collections.ConfigDict, kind: str) -> tuple[str, dict]:
     raise ValueError(f"config.data.dataset_dir={dc.dataset_dir!r} holds a {meta.get('kind')!r} "
                      f"dataset, this stage needs {kind!r}")
   return dc.dataset_dir, meta.get("stats", {})
+
+
+def _dataset_demonstrations(dc, data_dir):
+  """A prepared demonstration dataset, or the chosen responses of a preference dataset
+  ("preferred-FT")."""
+  if _kind_of(dc) != "preference":
+    return _existing(dc, "demonstration")
+  def make():
+    splits = tfds_builders.load(dc.dataset_dir, kind="preference")
+    return {s: [{"prompt": r["prompt"], "response": r["chosen"]}
+                for r in src.__getitems__(range(len(src)))] for s, src in splits.items()}, {}
+  return prepare_records("demonstration", dc, data_dir, make,
+                         {"chosen_of": os.path.abspath(dc.dataset_dir)})
+
+
+register("jsonl", demonstration=_file_provider("demonstration", "demonstration"),
+         preference=_file_provider("preference", "preference"))
+register("alpaca", demonstration=_file_provider("demonstration", "alpaca"))
+register("hh", preference=_file_provider("preference", "hh"))
+register("dataset", **{**{kind: (lambda dc, data_dir, kind=kind: _existing(dc, kind))
+                          for kind in KINDS}, "demonstration": _dataset_demonstrations})
