@@ -15,8 +15,15 @@ from rlhf_jax.train import distributed
 from rlhf_jax.train import sharding as sharding_lib
 
 
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be read back; the message names it."""
+
+
 def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+  """The run's checkpoints under workdir/checkpoints; the latest `keep` are kept (0: all)."""
+  if keep < 0:
+    raise ValueError(f"config.train.keep_checkpoints={keep}: expected >= 0 (0: keep all)")
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=True,
                                          enable_async_checkpointing=False)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                options=options, item_names=("state", "data"))
@@ -43,8 +50,16 @@ def restore(mngr: ocp.CheckpointManager, step: int, like_state: Any):
   number of processes).
   """
   target = sharding_lib.abstract_with_shardings(like_state)
-  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                   data=ocp.args.JsonRestore()))
+  try:
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                     data=ocp.args.JsonRestore()))
+  except Exception as e:  # pylint: disable=broad-except  (Orbax raises many kinds)
+    raise CheckpointError(
+        f"cannot restore checkpoint {os.path.join(str(mngr.directory), str(step))}: "
+        f"{type(e).__name__}: {e}\nEither it is damaged (a missing or truncated file) or this "
+        "config builds a different state (model, optimizer, stage) than the run that wrote it. "
+        "Resume with that run's config (its config.json), or move the checkpoint aside to "
+        "resume from an earlier one.") from e
   data_state = out["data"]
   if isinstance(data_state, dict) and "process_states" in data_state:
     states = data_state["process_states"]
@@ -93,8 +108,12 @@ def load_params(path: str, like_params: Any) -> Any:
   its policy is what a language model loads from it.
   """
   directory, step = checkpoint_dir(path)
-  with _reader(directory) as mngr:
-    saved = mngr.item_metadata(step)["state"]["params"]
+  try:
+    with _reader(directory) as mngr:
+      saved = mngr.item_metadata(step)["state"]["params"]
+  except Exception as e:  # pylint: disable=broad-except  (Orbax raises many kinds)
+    raise CheckpointError(f"cannot read checkpoint {os.path.join(directory, str(step))} "
+                          f"(from {path!r}): {type(e).__name__}: {e}") from e
   prefix = ""
   if "policy" in saved and "policy" not in like_params:
     saved, prefix = saved["policy"], "policy/"

@@ -8,6 +8,7 @@ import math
 import os
 import time
 
+from absl import logging
 import jax
 import numpy as np
 
@@ -46,21 +47,48 @@ class MetricWriter:
         self._tb.add_scalar(f"{split}/{k}", v, int(step))
 
   def close(self) -> None:
-    if self.enabled:
-      self._jsonl.close()
-      self._tb.close()
+    """Closes both files; an error closing them (a full disk) is logged, not raised, so that
+    it neither hides the error that ended the run nor leaves TensorBoard's thread running."""
+    if not self.enabled:
+      return
+    for name, f in (("metrics.jsonl", self._jsonl), ("tensorboard", self._tb)):
+      try:
+        f.close()
+      except OSError as e:
+        logging.warning("closing %s: %s", name, e)
+    self.enabled = False
 
 
-def truncate_jsonl(workdir: str, last_step: int) -> None:
-  """Drops records after `last_step`, so a resumed run's metrics.jsonl reads as an uninterrupted one."""
+def truncate_jsonl(workdir: str, last_step: int, eval_from: int | None = None) -> None:
+  """Drops records after `last_step` (and eval records at steps >= `eval_from`, a final
+  evaluation about to run again), so a resumed run's metrics.jsonl reads as an
+  uninterrupted one. A half-written last line (a kill mid-write) is dropped; a bad line
+  elsewhere is an error naming file and line."""
   path = os.path.join(workdir, "metrics.jsonl")
   if jax.process_index() != 0 or not os.path.exists(path):
     return
   with open(path) as f:
-    lines = [l for l in f if l.strip() and json.loads(l)["step"] <= last_step]
+    lines = f.readlines()
+  kept = []
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      step = int(record["step"])
+    except (ValueError, KeyError, TypeError) as e:
+      if number == len(lines) and not line.endswith("\n"):
+        logging.warning("%s:%d: dropped a half-written last record", path, number)
+        continue
+      raise ValueError(f"{path}:{number}: not a metrics record ({e}); fix or remove the "
+                       "line to resume") from None
+    if step > last_step or (eval_from is not None and record.get("split") == "eval"
+                            and step >= eval_from):
+      continue
+    kept.append(line if line.endswith("\n") else line + "\n")
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    f.writelines(lines)
+    f.writelines(kept)
   os.replace(tmp, path)
 
 

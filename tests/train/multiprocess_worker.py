@@ -75,7 +75,10 @@ def run_sigterm(job: dict, process_id: int) -> dict:
 
   toy_stage.CountingIterator.__next__ = next_with_signal
   try:
-    return loop.train(make_config("toy", job["overrides"]), job["workdir"], toy_stage)
+    loop.train(make_config("toy", job["overrides"]), job["workdir"], toy_stage)
+    raise AssertionError("the run was not pre-empted")
+  except loop.Preempted as e:
+    return {"preempted_at": e.step, "exit_status": e.code}
   finally:
     toy_stage.CountingIterator.__next__ = original_next
 

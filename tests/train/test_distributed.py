@@ -42,7 +42,7 @@ DPO = dict(COMMON, **{"data.source": "jsonl", "data.seq_len": 64, "data.on_error
 # scalar head's bias gets a zero gradient up to rounding, which Adam normalises into
 # lr-sized steps of either sign: centring makes the bias (and the rewards) well defined.
 REWARD = dict(DPO, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
-                      "reward.center_coef": 0.01})
+                      "reward_model.center_coef": 0.01})
 STAGES = {"sft": (sft, SFT), "dpo": (dpo, DPO), "reward": (reward, REWARD)}
 
 
@@ -159,6 +159,7 @@ def test_sigterm_to_one_process_stops_all_at_one_step(tmp_path):
   results = [json.load(open(os.path.join(workdir, f"result_{i}.json"))) for i in range(2)]
   assert results[0] == results[1], results
   stopped = results[0]["preempted_at"]
+  assert results[0]["exit_status"] == 143
   assert 5 < stopped < 5000
   assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(stopped)]
 
