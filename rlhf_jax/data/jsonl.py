@@ -12,6 +12,7 @@ transparently.
 import gzip
 import json
 import math
+import zlib
 from typing import Any, Callable, Iterator
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -31,6 +32,17 @@ def new_stats(path: str = "") -> dict[str, Any]:
 def _open(path: str):
   path = str(path)
   return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def _lines(f, path: str) -> Iterator[tuple[int, bytes]]:
+  """(line number, raw line); a truncated or corrupt compressed file is an error naming it."""
+  lineno = 0
+  try:
+    for lineno, raw in enumerate(f, start=1):
+      yield lineno, raw
+  except (EOFError, OSError, zlib.error) as e:
+    raise ValueError(f"{path}: truncated or corrupt file after line {lineno} "
+                     f"({type(e).__name__}: {e})") from None
 
 
 def _get(obj: dict, key: str, kind: type | tuple[type, ...] = str) -> Any:
@@ -57,7 +69,7 @@ def read_jsonl(path: str, parse: Callable[[dict], list[dict]], *,
   stats = new_stats(path) if stats is None else stats
   stats.setdefault("path", str(path))
   with _open(path) as f:
-    for lineno, raw in enumerate(f, start=1):
+    for lineno, raw in _lines(f, path):
       if not raw.strip():
         continue
       stats["lines"] += 1

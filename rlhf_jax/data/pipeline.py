@@ -13,6 +13,7 @@ that does not fit; Nones are dropped and counted (`stats['dropped']`), never sil
 import json
 from typing import Any, Callable, Sequence
 
+from absl import logging
 import grain
 import numpy as np
 
@@ -51,6 +52,9 @@ class TrainIterator:
     if len(source) < shard_count:
       raise ValueError(f"source {source!r} has {len(source)} records, fewer than "
                        f"shard_count={shard_count}")
+    if len(source) < batch_size:
+      logging.warning("train split %r has %d records, fewer than one batch of %d: every batch "
+                      "repeats records", source, len(source), batch_size)
     self._config = {"seed": int(seed), "batch_size": batch_size, "shard_index": shard_index,
                     "shard_count": shard_count, "source_len": len(source)}
     # Records read in a row without an example before deciding that none fits.

@@ -171,3 +171,13 @@ def test_real_alpaca_seed_tasks():
   first = raw[0]["instances"][0]
   assert records[0]["response"] == first["output"]
   assert records[0]["prompt"].startswith(f"Instruction: {raw[0]['instruction']}\n")
+
+
+def test_truncated_gzip_names_the_file(tmp_path):
+  path = _write(tmp_path / "d.jsonl.gz", [{"prompt": f"p{i}", "response": "r" * 50}
+                                          for i in range(400)])
+  data = pathlib.Path(path).read_bytes()
+  pathlib.Path(path).write_bytes(data[:len(data) // 2])      # a copy cut short
+  with pytest.raises(ValueError, match=re.escape(path) + r": truncated or corrupt file after "
+                                       r"line \d+ \(EOFError"):
+    jsonl.read("demonstration", path)

@@ -279,3 +279,14 @@ def test_real_hh_prepared_and_batched(tmp_path):
   assert len(batches) == 4 and batches[0]["chosen_tokens"].shape == (32, 128)
   assert eval_stats["examples"] == 128
   assert eval_stats["records_read"] == 128 + eval_stats["dropped"]
+
+
+def test_split_smaller_than_a_batch_warns(caplog):
+  with caplog.at_level("WARNING"):
+    it = pipeline.make_train_iterator(list(range(3)), _ident, batch_size=8, seed=0)
+  assert "has 3 records, fewer than one batch of 8: every batch repeats records" in caplog.text
+  assert sorted(next(it)["x"].tolist()) == [0, 0, 0, 1, 1, 1, 2, 2]   # what the warning means
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    pipeline.make_train_iterator(list(range(8)), _ident, batch_size=8, seed=0)
+  assert "fewer than one batch" not in caplog.text
