@@ -148,11 +148,6 @@ def load_params_into(hf_dir: str, params: Any) -> Any:
   return traverse_util.unflatten_dict(out, sep="/")
 
 
-def _dummy_inputs(length: int = 8):
-  tokens = jnp.zeros((1, length), jnp.int32)
-  return tokens, tokens, jnp.ones((1, length), jnp.int32)
-
-
 def load_hf(hf_dir: str, mesh, axis_rules, *, heads: tuple | None = None,
             max_len: int | None = None, dtype: str = "float32", param_dtype: str = "float32",
             remat: str = "none", rng: jax.Array | None = None) -> HFImport:
@@ -170,7 +165,7 @@ def load_hf(hf_dir: str, mesh, axis_rules, *, heads: tuple | None = None,
   model = transformer.Transformer(transformer.TransformerConfig.from_dict(model_config),
                                   tuple(heads))
   rng = jax.random.key(0) if rng is None else rng
-  init_fn = lambda r: model.init(r, *_dummy_inputs())["params"]
+  init_fn = lambda r: transformer.init_params(model, r)
   with nn.logical_axis_rules(axis_rules):
     abstract = jax.eval_shape(init_fn, rng)
     shardings = sharding_lib.logical_shardings(abstract, mesh, axis_rules)

@@ -346,3 +346,9 @@ class Transformer(nn.Module):
     if cache is not None:
       cache = {"index": index + t, "layers": tuple(new_layers)}
     return outputs, cache
+
+
+def init_params(model: Transformer, rng: jax.Array):
+  """Fresh (logically boxed) params of `model`, traced on a `[1, 8]` dummy batch."""
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  return model.init(rng, tokens, tokens, jnp.ones((1, 8), jnp.int32))["params"]

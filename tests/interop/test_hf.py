@@ -2,7 +2,8 @@
 bitwise round trips, sharded checkpoints, loading onto a (1, 4, 2) mesh with one
 tensor on the host at a time, and the errors.
 
-Tests that need torch + transformers skip without them; the rest build their
+Tests that need torch + transformers (the `hf` extra) skip without them, except under
+CI=true, where they fail so CI cannot skip the parity silently; the rest build their
 checkpoints with our own exporter.
 """
 
@@ -110,11 +111,21 @@ def left_padded(seed, batch_lengths, seq):
 # ----------------------------------------------------------------------------------------
 # Against transformers.
 
+def import_hf(module):
+  """Imports torch or transformers; skips without the `hf` extra, fails under CI=true."""
+  if os.environ.get("CI", "").lower() != "true":
+    return pytest.importorskip(module)
+  try:
+    return __import__(module)
+  except ImportError as e:
+    pytest.fail(f"CI=true needs the hf extra (pip install torch==2.13.0 -e '.[test,hf]'): {e}")
+
+
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
   """name -> (torch model, HF dir), made on first use: every parameter random."""
-  pytest.importorskip("transformers")
-  torch = pytest.importorskip("torch")
+  import_hf("transformers")
+  torch = import_hf("torch")
   import transformers   # pylint: disable=g-import-not-at-top
   cache = {}
 
@@ -269,8 +280,8 @@ def test_reward_export_bias(tmp_path, name):
   zero = dict(params, scalar_head=dict(params["scalar_head"], bias=jnp.zeros((1,))))
   hf.save_hf(zero, mc, str(tmp_path / "zero"), extra_config=TOKEN_IDS)
   assert hf_config.SCORE_BIAS_KEY not in hf_config.read_config(str(tmp_path / "zero"))
-  transformers = pytest.importorskip("transformers")
-  torch = pytest.importorskip("torch")
+  transformers = import_hf("transformers")
+  torch = import_hf("torch")
   rm = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "zero"))
   model = tr.Transformer(tr.TransformerConfig.from_dict(mc), ("scalar",))
   tokens = np.random.default_rng(5).integers(3, VOCAB, (2, 7)).astype(np.int32)
@@ -289,8 +300,8 @@ def test_bfloat16_export(tmp_path):
   back = hf.load_hf(path, single_mesh(), RULES).params      # cast to float32 on load
   rounded = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), params)
   assert_trees_equal(back, rounded)
-  transformers = pytest.importorskip("transformers")
-  pytest.importorskip("torch")
+  transformers = import_hf("transformers")
+  import_hf("torch")
   model = transformers.AutoModelForCausalLM.from_pretrained(path)
   assert str(model.dtype) == "torch.bfloat16"
 
@@ -346,7 +357,7 @@ def test_our_sharded_export_loads_onto_mesh(tmp_path):
   mesh = mesh_142()
   # Onto an existing sharded tree (what stages/common.py passes).
   with nn.logical_axis_rules(RULES):
-    boxed = jax.eval_shape(lambda r: model.init(r, *hf._dummy_inputs())["params"],
+    boxed = jax.eval_shape(lambda r: tr.init_params(model, r),
                            jax.random.key(0))
   shardings = sharding_lib.logical_shardings(boxed, mesh, RULES)
   _, other = random_params(our_config("llama"), seed=7)
