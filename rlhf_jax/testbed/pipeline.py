@@ -82,6 +82,12 @@ def reward_model_scores(reward_dir: str, samples: dict, batch_size: int = 256) -
                          for i in range(0, len(tokens), batch_size)])
 
 
+def best_of_n_picks(proxy: np.ndarray) -> np.ndarray:
+  """Flat indices `[P]` into the P*n samples (prompt-major) of each prompt's highest proxy
+  score, for `proxy [P, n]`; ties go to the first sample."""
+  return proxy.argmax(axis=1) + np.arange(proxy.shape[0]) * proxy.shape[1]
+
+
 def best_of_n(config, sft_dir: str, reward_dir: str, prompts, rng, sampling: dict) -> dict:
   """Best-of-n against the learned reward model: n SFT samples a prompt, the RM picks one."""
   n = config.evaluation.best_of_n
@@ -90,14 +96,14 @@ def best_of_n(config, sft_dir: str, reward_dir: str, prompts, rng, sampling: dic
   repeated = [p for p in prompts for _ in range(n)]
   out = policy_lib.generate(model, params, repeated, tokenizer, rng, **sampling)
   proxy = reward_model_scores(reward_dir, out).reshape(len(prompts), n)
-  best = proxy.argmax(axis=1) + np.arange(len(prompts)) * n
+  best = best_of_n_picks(proxy)
   texts = [out["texts"][i] for i in best]
   gold = policy_lib.gold_scores(prompts, texts)
   summary = evaluation.summarize_policy(texts, gold, out["response_mask"][best].sum(axis=1),
                                         kl=(evaluation.best_of_n_kl(n), 0.0), num_samples=0)
   summary["samples"] = [{"prompt": p, "response": r, "gold": float(g)}
                         for p, r, g in zip(prompts, texts, gold)][:config.evaluation.num_samples]
-  summary["proxy_reward"] = float(proxy.max(axis=1).mean())
+  summary["proxy_reward"] = float(proxy.reshape(-1)[best].mean())   # of the picked samples
   summary["kl_note"] = f"analytic: log {n} - ({n}-1)/{n}"
   return summary
 

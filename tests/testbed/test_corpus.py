@@ -1,7 +1,6 @@
 """Tests for rlhf_jax.testbed.corpus: determinism, bounds, sentiment spread, prompts."""
 
 import re
-import time
 
 import numpy as np
 import pytest
@@ -104,14 +103,6 @@ def test_negations_and_intensifiers_occur(reviews):
   # VADER reverses a negated adjective: the grammar relies on that for polarity.
   assert vader(["The plot is not good."])[0] < 0 < vader(["The plot is not bad."])[0]
   assert vader(["The plot is very good."])[0] > vader(["The plot is good."])[0]
-
-
-def test_generation_speed():
-  start = time.perf_counter()
-  out = corpus.generate_reviews(0, 100_000)
-  elapsed = time.perf_counter() - start
-  print(f"\n100k reviews in {elapsed:.2f} s")
-  assert len(out) == 100_000 and elapsed < 10.0
 
 
 def test_corpus_splits():
