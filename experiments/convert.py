@@ -6,7 +6,8 @@ r"""Converts between Hugging Face directories and our Orbax checkpoints.
 `--to` is written as a workdir: `checkpoints/0/state` holds `{'params': ...}`
 (what `rlhf_jax.train.checkpoint.load_params`, hence `config.init.checkpoint`,
 reads), `config.json` the resolved config with the imported `config.model`, and
-`hf_assets/` the source config.json and tokenizer files. The reverse direction
+`hf_assets/` the source config.json and tokenizer files; a non-empty `--to` (a training
+run's workdir, say) is refused unless `--overwrite`. The reverse direction
 reads `config.model` from `--config`, else from the workdir's `config.json`, and
 copies `hf_assets/` tokenizer files and token ids when present.
 """
@@ -14,6 +15,7 @@ copies `hf_assets/` tokenizer files and token ids when present.
 import json
 import os
 import shutil
+import sys
 
 from absl import app
 from absl import flags
@@ -49,6 +51,8 @@ _DTYPE = flags.DEFINE_string("dtype", None, "Exported tensor dtype (default: par
 _DROP_BIAS = flags.DEFINE_bool("drop_scalar_bias", False, "Export a reward model whose scalar "
                                "head has a nonzero bias (HF's score has none).")
 _SHARD = flags.DEFINE_integer("max_shard_bytes", 2 << 30, "Largest safetensors file.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Let --to be a non-empty directory (its "
+                               "checkpoints and config.json are replaced).")
 
 
 def _write_json(path: str, obj) -> None:
@@ -58,8 +62,20 @@ def _write_json(path: str, obj) -> None:
 
 
 def hf_to_checkpoint(hf_dir: str, workdir: str, config: ml_collections.ConfigDict | None = None,
-                     max_len: int | None = None) -> ml_collections.ConfigDict:
-  """Imports `hf_dir` into `workdir`; returns the config written to workdir/config.json."""
+                     max_len: int | None = None, overwrite: bool = False
+                     ) -> ml_collections.ConfigDict:
+  """Imports `hf_dir` into `workdir`; returns the config written to workdir/config.json.
+
+  A non-empty `workdir` (a training run, say) is refused unless `overwrite`, which first
+  removes its checkpoints.
+  """
+  if os.path.isdir(workdir) and os.listdir(workdir):
+    if not overwrite:
+      held = ", ".join(sorted(os.listdir(workdir))[:5])
+      raise FileExistsError(f"--to={workdir!r} is not empty (it holds {held}); choose a new "
+                            "directory, or pass --overwrite to replace its checkpoints and "
+                            "config.json")
+    shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
   config = base.get_config() if config is None else ml_collections.ConfigDict(config.to_dict())
   mesh = sharding_lib.make_mesh(config.mesh)
   result = hf.load_hf(hf_dir, mesh, sharding_lib.rules(config), max_len=max_len,
@@ -147,7 +163,11 @@ def main(argv):
   if _FROM_HF.value:
     if not _TO.value:
       raise app.UsageError("--from_hf needs --to")
-    config = hf_to_checkpoint(_FROM_HF.value, _TO.value, _CONFIG.value, _MAX_LEN.value)
+    try:
+      config = hf_to_checkpoint(_FROM_HF.value, _TO.value, _CONFIG.value, _MAX_LEN.value,
+                                overwrite=_OVERWRITE.value)
+    except FileExistsError as e:
+      sys.exit(f"convert: error: {e}")
     print(json.dumps({"checkpoint": os.path.abspath(_TO.value),
                       "model": config.model.to_dict()}, sort_keys=True))
   else:

@@ -66,6 +66,10 @@ def evaluate(policy_path: str, reference_path: str = "", *, num_prompts: int | N
              prompts_from: str = "", split: str = "test", unconditional: bool = False, seed: int = 0,
              data_dir: str = "", num_samples: int = 4, **sampling) -> dict:
   """`policy_lib.evaluate_policy` on checkpoints; sampling options None -> the config's."""
+  for flag, path in (("--policy", policy_path), ("--reference", reference_path),
+                     ("--prompts_from", prompts_from)):
+    if path and not os.path.isdir(path):
+      raise FileNotFoundError(f"{flag}={path!r}: no such run (expected a run's workdir)")
   config = policy_lib.read_config(policy_path)
   options = policy_lib.sampling_options(config)
   num_prompts = num_prompts or options["eval_prompts"]

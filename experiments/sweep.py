@@ -8,7 +8,9 @@ keys to values (e.g. {"dpo.beta": 0.1, "seed": 1}); a config may define its own
 `get_sweep()` instead of --sweep. Each run is `experiments.train` in a subprocess
 with its own workdir (named after its overrides); runs that finished are skipped
 and a killed one resumes from its checkpoint. Final metrics of every run are
-gathered into workdir/results.csv and workdir/results.md.
+gathered into workdir/results.csv and workdir/results.md. A SIGTERM to the sweep (or
+to one of its runs) stops it: running runs save and stop, none starts, and the sweep
+exits with status 143 (loop.PREEMPTED_EXIT_STATUS); rerun the same command to resume.
 """
 
 import csv
@@ -16,6 +18,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -68,29 +71,52 @@ def run_all(config: str, runs: list[dict], root: str, parallel: int, common: lis
              if loop.read_final_metrics(os.path.join(root, n)) is None]
   print(f"sweep: {len(runs)} runs, {len(runs) - len(pending)} finished, {len(pending)} to run")
   active: list[tuple[str, subprocess.Popen]] = []
-  failed = []
+  failed, preempted, signalled = [], [], set()
 
   def finish(name, proc):
-    if proc.wait() != 0:
+    if proc.wait() == loop.PREEMPTED_EXIT_STATUS:
+      preempted.append(name)
+    elif proc.returncode != 0:
       failed.append(name)
     active.remove((name, proc))
     print(f"sweep: {name} exited with {proc.returncode}")
 
-  for name, overrides in pending:
-    while len(active) >= parallel:
-      done = [(n, p) for n, p in active if p.poll() is not None]
-      for n, p in done:
-        finish(n, p)
-      if not done:
-        time.sleep(0.5)
-    workdir = os.path.join(root, name)
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "log.txt"), "a") as log:
-      active.append((name, subprocess.Popen(command(config, workdir, overrides, common),
-                                            stdout=log, stderr=subprocess.STDOUT)))
-    print(f"sweep: started {name}")
-  for name, proc in list(active):
-    finish(name, proc)
+  def wait_for_one():
+    """Reaps finished runs; on pre-emption passes SIGTERM on to the runs still going."""
+    if preempted:
+      for name, proc in active:
+        if name not in signalled:
+          signalled.add(name)
+          proc.send_signal(signal.SIGTERM)
+    done = [(n, p) for n, p in active if p.poll() is not None]
+    for n, p in done:
+      finish(n, p)
+    if not done:
+      time.sleep(0.5)
+
+  # A SIGTERM to the sweep (or a run's exit status 143) stops it: the runs still going are
+  # signalled, save and stop; none is started; the sweep exits 143 (rerun to resume).
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: preempted.append("sweep"))
+  try:
+    for name, overrides in pending:
+      while len(active) >= parallel and not preempted:
+        wait_for_one()
+      if preempted:
+        break
+      workdir = os.path.join(root, name)
+      os.makedirs(workdir, exist_ok=True)
+      with open(os.path.join(workdir, "log.txt"), "a") as log:
+        active.append((name, subprocess.Popen(command(config, workdir, overrides, common),
+                                              stdout=log, stderr=subprocess.STDOUT)))
+      print(f"sweep: started {name}")
+    while active:
+      wait_for_one()
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  if preempted:
+    print(f"sweep: pre-empted ({', '.join(preempted)}); the runs saved and stopped; exit status "
+          f"{loop.PREEMPTED_EXIT_STATUS}, rerun the same command to resume")
+    raise SystemExit(loop.PREEMPTED_EXIT_STATUS)
   if failed:
     raise RuntimeError(f"sweep: runs failed (see their log.txt): {failed}")
   rows = []

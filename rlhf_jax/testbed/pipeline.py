@@ -2,7 +2,9 @@
 
 pretrain -> sft -> labels (simulated annotators) -> reward -> ppo -> dpo -> evaluation.
 Each training stage runs in `root/<stage>` through the shared loop; a stage whose
-run finished (final_metrics.json) is skipped, one that was killed resumes. Used by
+run finished (final_metrics.json) on the same inputs is skipped, one that was killed
+resumes, one whose inputs changed is moved aside and trained again. A SIGTERM stops the
+whole pipeline after the running stage saves (loop.Preempted, exit status 143). Used by
 experiments/pipeline.py and the reproductions.
 """
 
@@ -36,15 +38,89 @@ def stage_config(config: ml_collections.ConfigDict, name: str, root: str, **init
   return c
 
 
+INPUTS_FILE = "stage_inputs.json"   # in a stage's workdir: the runs it was trained from
+
+
+def run_fingerprint(workdir: str) -> dict:
+  """What a later stage reads from a run: its latest complete checkpoint step and whether
+  (with which final metrics) it finished."""
+  ckpt = os.path.join(workdir, "checkpoints")
+  steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
+  return {"path": os.path.abspath(workdir), "step": max(steps, default=None),
+          "final_metrics": loop.read_final_metrics(workdir)}
+
+
+def stage_inputs(config: ml_collections.ConfigDict) -> dict:
+  """Fingerprints of the runs a stage config reads (init checkpoint, reward model, DPO
+  reference...): every string field that names a run's workdir, by dotted key."""
+  found = {}
+
+  def walk(node, prefix):
+    for key, value in node.items():
+      if isinstance(value, dict):
+        walk(value, f"{prefix}{key}.")
+      elif isinstance(value, str) and value and os.path.isdir(os.path.join(value, "checkpoints")):
+        found[prefix + key] = run_fingerprint(value)
+  walk(config.to_dict(), "")
+  return json.loads(json.dumps(found, sort_keys=True))
+
+
+def _read_json(path: str):
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_json(path: str, obj) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(obj, f, indent=1, sort_keys=True)
+  os.replace(path + ".tmp", path)
+
+
+def _move_aside(path: str) -> str:
+  """Renames a stale stage directory to <path>.stale-<n> (kept, never deleted)."""
+  n = 1
+  while os.path.exists(f"{path}.stale-{n}"):
+    n += 1
+  os.replace(path, f"{path}.stale-{n}")
+  return f"{path}.stale-{n}"
+
+
+def _changed(recorded: dict, current: dict) -> str:
+  keys = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
+  return ", ".join(f"{k}: step {(recorded.get(k) or {}).get('step')} -> "
+                   f"{(current.get(k) or {}).get('step')}" for k in keys)
+
+
 def train_stage(name: str, config: ml_collections.ConfigDict, root: str) -> str:
-  """Runs one training stage unless it finished; returns its workdir."""
+  """Runs one training stage unless it finished on the same inputs; returns its workdir.
+
+  A stage trained from runs that have changed since (an upstream stage resumed after a
+  pre-emption, or retrained) is moved aside to `<workdir>.stale-<n>` and trained again. A
+  SIGTERM stops the pipeline: loop.Preempted (exit status 143) propagates once the stage
+  has saved, so no later stage trains on a half-trained one.
+  """
   workdir = os.path.join(root, name)
-  if loop.read_final_metrics(workdir) is not None:
+  inputs = stage_inputs(config)
+  recorded = _read_json(os.path.join(workdir, INPUTS_FILE))
+  if recorded is not None and recorded != inputs:
+    stale = _move_aside(workdir)
+    print(f"[pipeline] {name}: its inputs changed since it was trained ({_changed(recorded, inputs)}"
+          f"); the old run is kept in {stale}, training again")
+  elif loop.read_final_metrics(workdir) is not None:
     print(f"[pipeline] {name}: finished earlier, skipped")
     return workdir
+  _write_json(os.path.join(workdir, INPUTS_FILE), inputs)
   print(f"[pipeline] {name}: training {config.train.num_steps} steps in {workdir}")
   start = time.perf_counter()
-  loop.train(config, workdir, stages.load(config.stage))
+  try:
+    loop.train(config, workdir, stages.load(config.stage))
+  except loop.Preempted as e:
+    print(f"[pipeline] {name}: pre-empted (SIGTERM) at step {e.step}, saved; the pipeline stops "
+          f"(exit status {e.code}); rerun the same command to resume")
+    raise
   print(f"[pipeline] {name}: done in {time.perf_counter() - start:.0f}s")
   return workdir
 
@@ -53,10 +129,15 @@ def label_stage(config: ml_collections.ConfigDict, sft_dir: str, root: str) -> s
   """Simulated preference pairs from SFT samples; returns the dataset directory."""
   out = os.path.join(root, "labels")
   marker = os.path.join(out, "dataset.json")
-  if os.path.exists(marker):
+  inputs = {"sft": run_fingerprint(sft_dir)}
+  done = _read_json(marker)
+  if done is not None and done.get("inputs", inputs) != json.loads(json.dumps(inputs)):
+    stale = _move_aside(out)
+    print(f"[pipeline] labels: the SFT run changed since they were made; the old labels are "
+          f"kept in {stale}, labelling again")
+  elif done is not None:
     print("[pipeline] labels: finished earlier, skipped")
-    with open(marker) as f:
-      return json.load(f)["dataset_dir"]
+    return done["dataset_dir"]
   lc = config.labels
   print(f"[pipeline] labels: {lc.num_prompts} prompts x {lc.k} SFT samples, annotator "
         f"temperature {lc.temperature}")
@@ -65,9 +146,7 @@ def label_stage(config: ml_collections.ConfigDict, sft_dir: str, root: str) -> s
       num_prompts=lc.num_prompts, num_test_prompts=lc.num_test_prompts, seed=config.seed,
       max_new_tokens=config.ppo.ppo.max_new_tokens, data_dir=os.path.join(root, "data"),
       verbose=True)
-  with open(marker + ".tmp", "w") as f:
-    json.dump({"dataset_dir": dataset_dir}, f)
-  os.replace(marker + ".tmp", marker)
+  _write_json(marker, {"dataset_dir": dataset_dir, "inputs": inputs})
   return dataset_dir
 
 
