@@ -27,7 +27,9 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8.0", "pytest-xdist>=3.6"],
-        # Hugging Face parity tests and export checks (CPU torch is enough).
-        "hf": ["torch>=2.4", "transformers>=5.0"],
+        # Hugging Face parity tests and export checks (CPU torch is enough). Pinned: the
+        # machines' pip finds torch 2.13.0's CPU wheel locally, and any other torch version
+        # would come from PyPI as a multi-GB CUDA build; transformers as tested with it.
+        "hf": ["torch==2.13.0", "transformers>=5.0,<=5.24.0"],
     },
 )

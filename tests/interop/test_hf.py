@@ -118,7 +118,7 @@ def import_hf(module):
   try:
     return __import__(module)
   except ImportError as e:
-    pytest.fail(f"CI=true needs the hf extra (pip install torch==2.13.0 -e '.[test,hf]'): {e}")
+    pytest.fail(f"CI=true needs the hf extra (pip install -e '.[test,hf]'): {e}")
 
 
 @pytest.fixture(scope="module")
