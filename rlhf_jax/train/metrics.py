@@ -56,6 +56,15 @@ class MetricWriter:
         f.close()
       except OSError as e:
         logging.warning("closing %s: %s", name, e)
+    if self._tb.all_writers:   # its close failed (a full disk): stop its flush thread and
+      for file_writer in self._tb.all_writers.values():   # its flush at exit, which would fail
+        events = file_writer.event_writer                  # again after the real error
+        try:
+          if events._worker is not None:  # pylint: disable=protected-access
+            events._worker.stop()         # pylint: disable=protected-access
+        except Exception:  # pylint: disable=broad-except
+          pass
+        events._closed = True             # pylint: disable=protected-access
     self.enabled = False
 
 

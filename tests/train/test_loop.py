@@ -356,3 +356,28 @@ def test_learned_positions_longer_than_the_table_are_named(tmp_path):
                                                  r"config.model.max_len=64"):
     loop.train(c, str(tmp_path / "bad"), failing_stage())
   assert not validate.problems(base.get_config(), sharding_lib.make_mesh(c.mesh))
+
+
+DISK_FULL_SCRIPT = """
+import errno, sys
+import tensorboardX.record_writer
+from configs import example
+from rlhf_jax.stages import example as stage
+from rlhf_jax.train import checkpoint, loop
+
+def full(*args, **kwargs):
+  raise OSError(errno.ENOSPC, "No space left on device")
+tensorboardX.record_writer.RecordWriter.flush = full   # every later write of the disk fails
+checkpoint.save = full
+loop.train(example.get_config(), sys.argv[1], stage)
+"""
+
+
+def test_disk_full_ends_with_the_real_error_not_shutdown_noise(tmp_path):
+  out = subprocess.run([sys.executable, "-c", DISK_FULL_SCRIPT, str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+  assert out.returncode == 1
+  last_line = out.stderr.strip().splitlines()[-1]
+  assert last_line == "OSError: [Errno 28] No space left on device", out.stderr[-3000:]
+  assert "Exception ignored" not in out.stderr and "Exception in thread" not in out.stderr
