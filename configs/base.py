@@ -89,7 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 100           # 0 disables periodic eval (a final eval always runs)
   c.train.eval_batches = 4           # batches per evaluation
   c.train.checkpoint_every = 100
-  c.train.keep_checkpoints = 2
+  c.train.keep_checkpoints = 2         # the latest N checkpoints are kept; 0 keeps all
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                   # -1: all devices not used by the other axes

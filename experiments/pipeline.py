@@ -5,7 +5,9 @@ r"""The whole pipeline on the sentiment testbed, one command:
 
 pretrain -> sft -> labels (simulated annotators) -> reward -> ppo -> dpo -> evaluation,
 each stage in its own subdirectory, chained through checkpoints. Re-running skips
-stages that finished; a stage that was killed resumes from its last checkpoint.
+stages that finished; a stage that was killed resumes from its last checkpoint; a
+stage whose input runs changed since it trained is moved aside and trained again.
+SIGTERM: the running stage saves and the pipeline exits with status 143 (rerun to resume).
 At the end it prints, and writes as JSON and Markdown, a table: for each policy
 (pretrained, SFT, PPO, DPO, best-of-n against the reward model) the mean gold
 reward, KL to the SFT reference, response length and a sample.
