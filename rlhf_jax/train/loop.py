@@ -5,8 +5,10 @@ A stage is a module with four functions (see ARCHITECTURE.md):
   init(config, rng, mesh)           -> TrainState, already sharded on `mesh`
   make_step(config)                 -> pure (state, batch, rng) -> (state, metrics)
   evaluate(config, state, data, mesh, rng) -> dict of metrics
-The loop shards each batch, calls the jitted step, logs, evaluates, checkpoints,
-and stops on a non-finite loss or SIGTERM.
+The loop checks the config (train/validate) and locks the workdir (train/workdir)
+first, then shards each batch, calls the jitted step, logs, evaluates, checkpoints,
+and stops on a non-finite loss, gradient norm or parameter (nothing of it saved) or on
+SIGTERM (the step saved, then Preempted: exit status 143).
 """
 
 import dataclasses
