@@ -254,6 +254,7 @@ def bench_ppo(config) -> dict:
   try:
     from configs import ppo as ppo_config
     from rlhf_jax.stages import ppo
+    import rlhf_jax.testbed  # noqa: F401  (registers the "gold" reward used below)
   except ImportError as e:
     return {"name": "ppo iteration", "skipped": f"rlhf_jax.stages.ppo not importable: {e}"}
   bc = config.bench
@@ -261,8 +262,9 @@ def bench_ppo(config) -> dict:
   c.model, c.mesh, c.sharding = config.model, config.mesh, config.sharding
   c.data.prompt_len, c.data.batch_size = bc.prompt_len, bc.ppo_prompts
   c.train.num_steps = 1000
-  c.ppo.update(reward="gold", reward_checkpoint="", critic="separate", algorithm="ppo",
-               max_new_tokens=bc.new_tokens, epochs=1, num_minibatches=2)
+  c.rl.update(reward="gold", reward_checkpoint="", critic="separate", algorithm="ppo",
+              epochs=1, num_minibatches=2)
+  c.sampling.max_new_tokens = bc.new_tokens
   rng = np.random.default_rng(3)
   prompts = rng.integers(3, c.model.vocab_size, (bc.ppo_prompts, bc.prompt_len)).astype(np.int32)
   host_batch = {"prompt_tokens": prompts,
@@ -274,7 +276,7 @@ def bench_ppo(config) -> dict:
   # updates: epochs x (policy + critic) forward and backward over P + N tokens.
   flops = (b * p * fwd(p) + b * sum(fwd(p + i) for i in range(n))
            + 3 * b * (p + n) * fwd(p + n)
-           + c.ppo.epochs * 2 * b * (p + n) * transformer.flops_per_token(mc, p + n))
+           + c.rl.epochs * 2 * b * (p + n) * transformer.flops_per_token(mc, p + n))
   try:
     row = bench_train_step("ppo iteration", ppo, c, host_batch, b * n, flops, bc)
   except Exception as e:  # pylint: disable=broad-except  # another engineer's stage, in progress

@@ -118,4 +118,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.sampling.top_p = 1.0             # 1: no nucleus filtering
   c.sampling.eval_prompts = 256      # held-out prompts per policy evaluation
   c.sampling.eval_batch_size = 64    # prompts per sampling call
+  c.sampling.eval_texts = 4          # sampled texts (prompt + response) kept in eval metrics
+  c.sampling.gold_reward = "gold"    # text reward (rlhf_jax/rl/rewards.py) behind the sampled
+                                     # evaluation's gold_* metrics; "" for none. "gold" is the
+                                     # testbed's VADER, registered by importing rlhf_jax.testbed
   return c

@@ -51,8 +51,8 @@ def get_config():
   c.reward.optimizer.learning_rate = 3e-4   # 1e-3 does not learn; 1e-4 learns slower
 
   c.ppo = ppo.get_config()
-  c.ppo.ppo.reward = "model"
-  c.ppo.ppo.update(epochs=1, num_minibatches=2)
+  c.ppo.rl.reward = "model"
+  c.ppo.rl.update(epochs=1, num_minibatches=2)
   c.ppo.train.update(num_steps=40, eval_every=0, checkpoint_every=20)
   c.ppo.optimizer.learning_rate = 1e-4
 
@@ -81,7 +81,8 @@ def make_quick(c: ml_collections.ConfigDict) -> None:
   c.reward.train.update(num_steps=30, eval_every=0, checkpoint_every=30)
   c.ppo.train.update(num_steps=4, eval_every=0, checkpoint_every=4, eval_batches=1)
   c.ppo.data.update(batch_size=16, eval_batch_size=16)
-  c.ppo.ppo.update(max_new_tokens=16, epochs=1, num_minibatches=2)
+  c.ppo.rl.update(epochs=1, num_minibatches=2)
+  c.ppo.sampling.max_new_tokens = 16
   c.dpo.train.update(num_steps=30, eval_every=0, checkpoint_every=30)
   c.dpo.dpo.update(eval_prompts=32, max_new_tokens=16)
   c.evaluation.update(num_prompts=32, best_of_n=4, reward_samples=64)

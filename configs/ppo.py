@@ -2,11 +2,12 @@
 implementation details of RLHF with PPO").
 
   python -m experiments.train --config=configs/ppo.py --workdir=/tmp/ppo \
-      --config.init.checkpoint=/tmp/sft --config.ppo.reward_checkpoint=/tmp/rm
+      --config.init.checkpoint=/tmp/sft --config.rl.reward_checkpoint=/tmp/rm
 
 Sized for the testbed on 2 CPU cores: the "small" model (as pretrained by
 configs/pretrain.py), 64 prompts x 1 sample per iteration, 48 new tokens.
-`configs/rloo.py` and `configs/grpo.py` change `ppo.algorithm` and its settings.
+`configs/rloo.py`, `configs/grpo.py` and `configs/online_dpo.py` change `rl.algorithm` and
+its settings; sampling (response length, temperature, eval texts) is `config.sampling`.
 """
 
 import ml_collections
@@ -14,18 +15,20 @@ import ml_collections
 from configs import base
 
 
-def ppo_config() -> ml_collections.ConfigDict:
+def rl_config() -> ml_collections.ConfigDict:
+  """`config.rl`: the RL stage's algorithm, reward and update settings."""
   p = ml_collections.ConfigDict()
-  p.algorithm = "ppo"           # "ppo" (GAE, critic); "rloo", "grpo": k samples a prompt, no critic;
-                                # "online_dpo": DPO on the best and worst of k samples a prompt
-  p.reward = "model"            # "model": the learned RM at reward_checkpoint; "gold": VADER
+  p.algorithm = "ppo"           # rlhf_jax/rl/algorithms.py: "ppo" (GAE, critic); "rloo", "grpo":
+                                # k samples a prompt, no critic; "online_dpo": DPO on the best and
+                                # worst of k samples a prompt
+  p.reward = "model"            # rlhf_jax/rl/rewards.py: "model", the learned RM at
+                                # reward_checkpoint; or a registered text reward ("gold": the
+                                # testbed's VADER, registered by rlhf_jax.testbed)
   p.reward_checkpoint = ""      # reward-stage workdir; its config.json gives the RM's architecture
   p.critic = "separate"         # "separate": scalar-head model initialised from the RM
                                 # (InstructGPT; from the policy's checkpoint when there is no RM);
                                 # "shared": a value head on the policy's trunk
   p.samples_per_prompt = 1      # k responses per prompt (RLOO / GRPO need >= 2)
-  p.max_new_tokens = 48         # response length limit (prompt_len + this <= model.max_len)
-  p.temperature = 1.0           # sampling temperature; training log-probs use logits / temperature
   p.epochs = 1                  # passes over each rollout (Huang et al. use 4: on 2 CPU cores the
                                 # gradient step, not sampling, is the cost, so fresh rollouts win)
   p.num_minibatches = 2         # optimizer updates per epoch (rollout batch split, shuffled)
@@ -45,7 +48,6 @@ def ppo_config() -> ml_collections.ConfigDict:
   p.missing_eos_penalty = 0.0   # subtracted from the score of responses without EOS (0: off)
   p.whiten_rewards = False      # scale per-token rewards to unit std (mean kept)
   p.whiten_advantages = True    # normalise advantages over the rollout (PPO, RLOO)
-  p.eval_samples = 4            # sampled texts kept in the eval metrics under 'samples'
   return p
 
 
@@ -66,5 +68,8 @@ def get_config():
   c.optimizer.warmup_steps = 0  # counted in optimizer updates (iterations x epochs x minibatches)
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-5        # Huang et al. 2024: Adam epsilon 1e-5
-  c.ppo = ppo_config()
+  c.rl = rl_config()
+  c.sampling.max_new_tokens = 48   # response length limit (prompt_len + this <= model.max_len)
+  c.sampling.temperature = 1.0     # rollout temperature; training log-probs use logits / temperature
+  c.sampling.eval_texts = 4        # sampled texts kept in the eval metrics under 'samples'
   return c

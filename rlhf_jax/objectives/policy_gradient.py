@@ -28,10 +28,18 @@ def masked_mean(x, mask, axis=None):
   return total / jnp.maximum(jnp.sum(mask, axis=axis), 1)
 
 
-def whiten(x, mask, shift_mean=True):
-  """Masked whitening: mean 0 and (population) std 1 over the masked entries.
+def sequence_sum(x, mask):
+  """`[batch, n]` -> `[batch]`: the sum over each row's masked entries."""
+  return jnp.sum(jnp.where(mask != 0, x, 0.0), axis=1)
 
-  With `shift_mean=False` the mean is added back (only the scale changes). Entries outside
+
+def whiten(x, mask, shift_mean=True):
+  """Masked whitening: mean 0 and std 1 over the masked entries.
+
+  The variance is the population variance (divided by the count of masked entries);
+  TRL's and Tunix's whitening use the sample variance (count - 1), which differs by a
+  factor (count - 1) / count, negligible for a rollout of many tokens. With
+  `shift_mean=False` the mean is added back (only the scale changes). Entries outside
   the mask are returned as 0.
   """
   m = _float(mask) > 0
@@ -220,7 +228,8 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps=0
   """GRPO objective (Shao et al. 2024, eq. 3), negated, with the KL estimator of eq. 4.
 
   loss = mean_i 1/|o_i| sum_t -[min(rho A_i, clip(rho, 1 - eps, 1 + eps) A_i) - kl_coef KL_t],
-  KL_t = pi_ref/pi - log(pi_ref/pi) - 1. Per-sequence length mean, then batch mean.
+  KL_t = pi_ref/pi - log(pi_ref/pi) - 1. Per-sequence length mean, then batch mean over
+  all rows: a row with an empty response contributes 0 and still counts in the mean.
 
   Args:
     logprobs, old_logprobs, ref_logprobs, mask: `[batch, n]`.

@@ -29,7 +29,7 @@ from rlhf_jax.objectives import preference
 from rlhf_jax.objectives import sft as sft_objective
 from rlhf_jax.stages import common
 from rlhf_jax.stages import reward as reward_stage
-from rlhf_jax.stages import rollout as rollout_lib
+from rlhf_jax.rl import evaluation as rl_evaluation
 from rlhf_jax.train import loop
 from rlhf_jax.train import sharding as sharding_lib
 from rlhf_jax.train import state as state_lib
@@ -235,7 +235,7 @@ def sampled_metrics(config, state, data, mesh, rng) -> dict:
   """`rollout.sampled_policy_metrics` on the held-out pairs' prompts, keys prefixed 'sampled/'."""
   model = common.make_model(config)
   tokenizer = tokenizers.make_tokenizer(config.tokenizer)
-  summary = rollout_lib.sampled_policy_metrics(
+  summary = rl_evaluation.sampled_policy_metrics(
       model, state.params, model, state.extras["reference"],
       _prompt_batches(config, data.eval(), tokenizer.pad_id), mesh, rng, tokenizer=tokenizer,
       max_new_tokens=config.dpo.max_new_tokens, num_texts=config.dpo.eval_texts)

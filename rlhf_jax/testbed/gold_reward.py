@@ -17,6 +17,9 @@ words scores near 1 whatever the grammar ("great great GREAT!!!" beats any hones
 review), length helps until the score saturates, and words outside the lexicon count
 for nothing. An optimiser pushed far from the reference drifts towards such text;
 `evaluation` reports distinct-n and samples so that drift is visible.
+
+Importing this module registers `gold_reward` as the text reward "gold"
+(`config.rl.reward`, `config.sampling.gold_reward`; `rlhf_jax.rl.rewards`).
 """
 
 import functools
@@ -24,6 +27,8 @@ from typing import Sequence
 
 import numpy as np
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+from rlhf_jax.rl import rewards
 
 
 @functools.lru_cache(maxsize=1)
@@ -44,3 +49,6 @@ def gold_reward(texts: Sequence[str]) -> np.ndarray:
       raise ValueError(f"gold_reward: texts[{i}] is {type(text).__name__}, not str")
     scores[i] = sia.polarity_scores(text)["compound"]
   return scores
+
+
+rewards.register_text_reward("gold", gold_reward)

@@ -144,7 +144,7 @@ def label_stage(config: ml_collections.ConfigDict, sft_dir: str, root: str) -> s
   dataset_dir = labelling.label(
       sft_dir, out, k=lc.k, temperature=lc.temperature, flip_rate=lc.flip_rate,
       num_prompts=lc.num_prompts, num_test_prompts=lc.num_test_prompts, seed=config.seed,
-      max_new_tokens=config.ppo.ppo.max_new_tokens, data_dir=os.path.join(root, "data"),
+      max_new_tokens=config.ppo.sampling.max_new_tokens, data_dir=os.path.join(root, "data"),
       verbose=True)
   _write_json(marker, {"dataset_dir": dataset_dir, "inputs": inputs})
   return dataset_dir
@@ -217,7 +217,7 @@ def reward_model_report(config, root: str, dirs: dict[str, str]) -> dict:
 
 def eval_sampling(config, sft_config) -> dict:
   """Sampling for evaluation: the policy itself (temperature 1), PPO's response length."""
-  return dict(max_new_tokens=config.ppo.ppo.max_new_tokens, temperature=1.0,
+  return dict(max_new_tokens=config.ppo.sampling.max_new_tokens, temperature=1.0,
               batch_size=policy_lib.sampling_options(sft_config)["eval_batch_size"],
               prompt_len=config.ppo.data.prompt_len)
 
@@ -287,7 +287,7 @@ def preference_data(dirs: dict[str, str]) -> dict:
 
 def ppo_config(config, root: str, dirs: dict[str, str]) -> ml_collections.ConfigDict:
   c = stage_config(config, "ppo", root, checkpoint=dirs["sft"])
-  c.ppo.reward_checkpoint = dirs["reward"]
+  c.rl.reward_checkpoint = dirs["reward"]
   return c
 
 

@@ -32,7 +32,9 @@ def test_whiten():
   on = MASK == 1
   np.testing.assert_allclose(w[on].mean(), 0.0, atol=1e-6)
   np.testing.assert_allclose(w[on].std(), 1.0, rtol=1e-5)
-  np.testing.assert_allclose(w[on], (x[on] - x[on].mean()) / x[on].std(), rtol=1e-5, atol=1e-6)
+  # The population std (ddof=0), not TRL's sample std (ddof=1).
+  np.testing.assert_allclose(w[on], (x[on] - x[on].mean()) / x[on].std(ddof=0), rtol=1e-5,
+                             atol=1e-6)
   assert np.all(w[~on] == 0)
   w = np.asarray(pg.whiten(x, MASK, shift_mean=False))
   np.testing.assert_allclose(w[on].mean(), x[on].mean(), rtol=1e-5)
@@ -237,6 +239,23 @@ def test_grpo_loss():
     g = np.asarray(jax.grad(f)(x))
     np.testing.assert_allclose(g, fd_grad(f, x), rtol=1e-5, atol=1e-9)
     assert np.all(g[MASK == 0] == 0)
+
+
+def test_grpo_loss_counts_empty_responses_in_the_mean():
+  seq_adv = np.array([1.0, -0.5, 0.3, -2.0], np.float32)
+  mask = MASK.copy()
+  mask[2] = 0                                          # row 2: an empty response
+  loss, _ = pg.grpo_loss(LOGP, LOGP, LOGP, seq_adv, mask, 0.2, 0.04)
+  # On-policy at the reference each non-empty row gives -A_i; the empty row gives 0 and
+  # still counts: the mean is over all 4 rows, not the 3 non-empty ones.
+  np.testing.assert_allclose(loss, -(1.0 - 0.5 - 2.0) / 4, rtol=1e-6)
+
+
+def test_sequence_sum():
+  x = np.random.default_rng(1).normal(size=SHAPE).astype(np.float32)
+  x[MASK == 0] = np.nan                                # garbage outside the mask
+  np.testing.assert_allclose(pg.sequence_sum(x, MASK), np.where(MASK == 1, x, 0.0).sum(1),
+                             rtol=1e-6)
 
 
 def test_extreme_log_ratios_are_finite():

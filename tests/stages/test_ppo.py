@@ -1,5 +1,6 @@
-"""PPO / RLOO / GRPO stage: rollout log-probs against a NumPy forward pass, first-step
-ratios and KL, advantages against NumPy formulas, bad rewards, frozen params, sharding."""
+"""PPO / RLOO / GRPO / online DPO stage: rollout log-probs against a NumPy forward pass,
+first-step ratios and KL, advantages against NumPy formulas, bad rewards, registered text
+rewards in the loop and in evaluation, frozen params, sharding."""
 
 import json
 import os
@@ -16,10 +17,13 @@ from configs import ppo as ppo_config
 from configs import rloo as rloo_config
 from rlhf_jax.model import transformer
 from rlhf_jax.model import sampling
+from rlhf_jax.rl import algorithms
+from rlhf_jax.rl import models as models_lib
+from rlhf_jax.rl import rewards
+from rlhf_jax.rl import rollout as rollout_lib
 from rlhf_jax.stages import ppo
 from rlhf_jax.stages import reward as reward_lib
-from rlhf_jax.stages import rollout as rollout_lib
-from rlhf_jax.testbed import gold_reward
+from rlhf_jax.testbed import gold_reward   # registers the text reward "gold"
 from rlhf_jax.train import checkpoint as checkpoint_lib
 from rlhf_jax.train import loop
 from rlhf_jax.train import sharding as sharding_lib
@@ -27,6 +31,25 @@ from rlhf_jax.train import sharding as sharding_lib
 # A reward model smaller than the policy: its architecture comes from its config.json.
 RM_MODEL = dict(embed_dim=32, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16,
                 mlp_dim=64, max_len=64)
+
+
+class RecordedGold:
+  """A user text reward: the gold reward, recording the texts of every call; from call
+  `nan_after + 1` on it returns NaN."""
+
+  def __init__(self):
+    self.calls, self.nan_after = [], None
+
+  def __call__(self, texts):
+    self.calls.append(list(texts))
+    if self.nan_after is not None and len(self.calls) > self.nan_after:
+      return np.full(len(texts), np.nan, np.float32)
+    return gold_reward.gold_reward(texts)
+
+
+RECORDED_GOLD = RecordedGold()
+rewards.register_text_reward("recorded_gold", RECORDED_GOLD)
+rewards.register_text_reward("two_columns", lambda texts: np.zeros((len(texts), 2)))
 
 
 @pytest.fixture(scope="module")
@@ -49,19 +72,24 @@ def dirs(tmp_path_factory):
   return {"rm": rm_dir, "data": str(root / "data"), "root": root}
 
 
-def tiny_config(dirs, base=ppo_config, **ppo_fields):
+def tiny_config(dirs, base=ppo_config, **rl_fields):
+  """A tiny config of `base`; `rl_fields` go to config.rl, max_new_tokens and temperature to
+  config.sampling."""
   c = base.get_config()
   c.model = ppo_config.base.model_config("tiny")
   c.model.update(num_layers=1, max_len=32)
   c.data.update(corpus_train=300, corpus_test=40, prompt_len=16, eval_batch_size=8,
                 data_dir=dirs["data"])
-  if c.ppo.samples_per_prompt == 1:
+  if c.rl.samples_per_prompt == 1:
     c.data.batch_size = 8
   else:
-    c.ppo.samples_per_prompt, c.data.batch_size = 2, 4
-  c.ppo.update(max_new_tokens=8, epochs=2, num_minibatches=2, reward_checkpoint=dirs["rm"],
-               temperature=0.7)
-  c.ppo.update(**ppo_fields)
+    c.rl.samples_per_prompt, c.data.batch_size = 2, 4
+  c.rl.update(epochs=2, num_minibatches=2, reward_checkpoint=dirs["rm"])
+  c.sampling.update(max_new_tokens=8, temperature=0.7)
+  sampling_fields = {k: rl_fields.pop(k) for k in ("max_new_tokens", "temperature")
+                     if k in rl_fields}
+  c.rl.update(**rl_fields)
+  c.sampling.update(**sampling_fields)
   c.train.update(num_steps=2, log_every=1, eval_every=0, eval_batches=1, checkpoint_every=0)
   c.optimizer.update(learning_rate=1e-3, warmup_steps=0)
   return c
@@ -119,11 +147,12 @@ def test_rollout_pieces_equal_a_numpy_forward_pass(dirs):
   """The rollout's log-probs (sampler and recomputed), values and scores, from one sample."""
   config = first_iteration_config(dirs)
   _, state, _ = compiled(config)
-  models = rollout_lib.make_models(config)
+  models = models_lib.make_models(config)
   assert models.reward.config.embed_dim == RM_MODEL["embed_dim"]   # from the RM's config.json
   assert models.critic.config == models.reward.config               # critic initialised from the RM
   batch = next(ppo.make_data(config, config.data.data_dir).train)
-  p, n, temperature = config.data.prompt_len, config.ppo.max_new_tokens, config.ppo.temperature
+  p, n, temperature = (config.data.prompt_len, config.sampling.max_new_tokens,
+                       config.sampling.temperature)
   sample = sampling.sample(state.params["policy"], models.policy, batch["prompt_tokens"],
                            batch["prompt_mask"], jax.random.key(1), max_new_tokens=n,
                            temperature=temperature, eos_id=2, pad_id=0)
@@ -132,7 +161,7 @@ def test_rollout_pieces_equal_a_numpy_forward_pass(dirs):
                                         sample.mask, p, temperature)
   critic = rollout_lib.response_outputs(models.critic, state.params["critic"], sample.tokens,
                                         sample.mask, p)
-  scores = rollout_lib.model_reward_fn(models.reward)(state.extras, sample)
+  scores = rewards.model_reward_fn(models.reward)(state.extras, sample)
   sample, policy, critic, scores = jax.device_get((sample, policy, critic, scores))
 
   tokens, mask = sample.tokens, sample.mask
@@ -173,7 +202,7 @@ def test_first_iteration_ratio_one_kl_zero_frozen_params(dirs):
   assert first["kl"] == 0.0
   assert first["rlhf_reward"] == pytest.approx(first["score"], abs=1e-6)
   # Ziegler's controller: e = clip(0 / 2 - 1, -0.2, 0.2) = -0.2; beta (1 + e * 8 / 100).
-  beta = config.ppo.kl_coef
+  beta = config.rl.kl_coef
   assert first["kl_coef"] == pytest.approx(beta)
   assert history[1]["kl_coef"] == pytest.approx(beta * (1 - 0.2 * 8 / 100), rel=1e-6)
   assert history[1]["kl"] != 0.0                        # the policy moved
@@ -216,9 +245,10 @@ def test_advantages_match_numpy(dirs, algorithm):
         "logprobs": rng.normal(size=(b, n)).astype(np.float32),
         "ref_logprobs": rng.normal(size=(b, n)).astype(np.float32),
         "values": rng.normal(size=(b, n)).astype(np.float32)}
-  assert config.ppo.samples_per_prompt == (1 if algorithm == "ppo" else k)
-  out, metrics = jax.device_get(ppo.advantages(config, {k_: jnp.asarray(v) for k_, v in ro.items()},
-                                               0.3))
+  assert config.rl.samples_per_prompt == (1 if algorithm == "ppo" else k)
+  estimator = algorithms.get(config).advantages
+  out, metrics = jax.device_get(estimator(config, {k_: jnp.asarray(v) for k_, v in ro.items()},
+                                          0.3))
   scores = ro["scores"] - 0.5 * (~ro["contains_eos"])
   log_r = ro["ref_logprobs"].astype(np.float64) - ro["logprobs"]
   kl = (-log_r if kl_estimator == "k1" else np.expm1(log_r) - log_r) * mask
@@ -228,7 +258,7 @@ def test_advantages_match_numpy(dirs, algorithm):
     rewards = -0.3 * kl
     last = mask.sum(1) - 1
     rewards[np.arange(b), last] += scores
-    expected = _np_gae(rewards, ro["values"], mask, 1.0, config.ppo.lam)
+    expected = _np_gae(rewards, ro["values"], mask, 1.0, config.rl.lam)
     np.testing.assert_allclose(out["returns"], (expected + ro["values"]) * mask, atol=1e-5)
   elif algorithm == "rloo":
     g = seq_reward.reshape(-1, k)
@@ -255,26 +285,27 @@ def test_sharded_iterations_equal_one_device(dirs):
       np.testing.assert_allclose(m8[k], m1[k], rtol=1e-4, atol=1e-4, err_msg=k)
 
 
-def test_grpo_gold_reward_in_the_loop_nan_stops_the_run(dirs, monkeypatch, capfd):
-  config = tiny_config(dirs, grpo_config, reward="gold", reward_checkpoint="")
+def test_grpo_text_reward_in_the_loop_nan_stops_the_run(dirs, capfd):
+  """A user-registered text reward (the gold reward, recorded) scores the rollout."""
+  config = tiny_config(dirs, grpo_config, reward="recorded_gold", reward_checkpoint="")
   config.mesh.update(data=2, fsdp=2, tensor=2)        # 4 prompts x 2 samples a batch
-  calls = []
-  def gold_then_nan(texts):   # the probe at make_step (2 texts) and iteration 1 are scored
-    calls.append(len(texts))
-    return real(texts) if len(calls) <= 2 else np.full(len(texts), np.nan, np.float32)
-  real = gold_reward.gold_reward
-  monkeypatch.setattr(gold_reward, "gold_reward", gold_then_nan)
+  # The probe at make_step (2 texts) and iteration 1 are scored, then NaN.
+  RECORDED_GOLD.calls, RECORDED_GOLD.nan_after = [], 2
   workdir = str(dirs["root"] / "grpo_gold")
-  with pytest.raises(loop.NonFiniteLossError, match="loss is nan at step 2"):
+  # NaN scores make both the loss and the gradients NaN; the loop names the first it checks.
+  with pytest.raises(loop.NonFiniteLossError, match=r"grad_norm is nan at step 2 \(loss nan\)"):
     loop.train(config, workdir, ppo)                  # 8 devices: the callback sees all rows
-  assert "reward 'gold' returned non-finite scores for 8 of 8" in capfd.readouterr().err
-  assert calls == [2, 8, 8]
+  RECORDED_GOLD.nan_after = None
+  assert "reward 'recorded_gold' returned non-finite scores for 8 of 8" in capfd.readouterr().err
+  assert [len(texts) for texts in RECORDED_GOLD.calls] == [2, 8, 8]
   records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   first, = [r for r in records if r["split"] == "train"]
   assert first["step"] == 1 and first["kl"] == 0.0 and first["kl_loss_term"] >= 0
   for k in ("loss", "score", "entropy", "clipfrac", "approx_kl"):
     assert np.isfinite(first[k]), k
-  assert -1 <= first["score"] <= 1                    # VADER compound
+  # The step's score is the reward of the texts it sampled (prompt + response).
+  first_texts = RECORDED_GOLD.calls[1]
+  assert first["score"] == pytest.approx(np.mean(gold_reward.gold_reward(first_texts)), abs=1e-6)
 
 
 def test_shared_critic_is_a_value_head_on_the_policy(dirs):
@@ -295,6 +326,8 @@ def test_shared_critic_is_a_value_head_on_the_policy(dirs):
 def test_rloo_runs_and_evaluates(dirs):
   config = tiny_config(dirs, rloo_config)
   history, state = run(config, 2)
+  config.sampling.gold_reward = "recorded_gold"     # the evaluation's gold: a named text reward
+  RECORDED_GOLD.calls, RECORDED_GOLD.nan_after = [], None
   assert history[0]["kl"] == 0.0 and history[1]["kl"] != 0.0
   assert all(np.isfinite(m["loss"]) for m in history)
   mesh, _, _ = compiled(config)
@@ -304,8 +337,13 @@ def test_rloo_runs_and_evaluates(dirs):
   for k in ("gold_mean", "gold_std", "kl", "kl_stderr", "length_mean", "rm_score"):
     assert np.isfinite(metrics[k]), k
   assert metrics["num"] == config.data.eval_batch_size * config.train.eval_batches
-  assert -1 <= metrics["gold_mean"] <= 1
-  assert len(metrics["samples"]) == config.ppo.eval_samples
+  texts, = RECORDED_GOLD.calls                       # one call: every prompt + response
+  gold = gold_reward.gold_reward(texts)
+  assert len(texts) == metrics["num"]
+  assert metrics["gold_mean"] == pytest.approx(np.mean(gold), rel=1e-6)
+  assert metrics["gold_std"] == pytest.approx(np.std(gold, ddof=1), rel=1e-5)
+  assert metrics["samples"][0] == f"{texts[0]}  [gold {gold[0]:+.2f}]"
+  assert len(metrics["samples"]) == config.sampling.eval_texts
   assert all(isinstance(t, str) for t in metrics["samples"])
   json.dumps(metrics)
 
@@ -330,24 +368,27 @@ def test_wrong_reward_shape_is_a_clear_error(dirs, monkeypatch):
   expected = r"reward 'model' returned shape \(8, 1\), expected"
   with jax.set_mesh(mesh), pytest.raises(ValueError, match=expected):
     jax.eval_shape(ppo.make_step(config), state, batch, jax.random.key(0))
-  monkeypatch.setattr(gold_reward, "gold_reward", lambda texts: np.zeros((len(texts), 2)))
-  with pytest.raises(ValueError, match="reward 'gold'.*expected 2 finite scores"):
-    ppo.make_step(tiny_config(dirs, reward="gold"))
+  with pytest.raises(ValueError, match="reward 'two_columns'.*expected 2 finite scores"):
+    ppo.make_step(tiny_config(dirs, reward="two_columns"))
 
 
 def test_config_errors_name_the_field(dirs):
-  with pytest.raises(ValueError, match="config.ppo.algorithm"):
-    rollout_lib.make_models(tiny_config(dirs, algorithm="dpo"))
-  with pytest.raises(ValueError, match="config.ppo.samples_per_prompt"):
-    rollout_lib.make_models(tiny_config(dirs, rloo_config, samples_per_prompt=1))
-  with pytest.raises(ValueError, match="config.ppo.reward_checkpoint"):
-    rollout_lib.make_models(tiny_config(dirs, reward_checkpoint=""))
-  with pytest.raises(ValueError, match="policy: max_len=32"):
-    rollout_lib.make_models(tiny_config(dirs, max_new_tokens=20))
+  with pytest.raises(ValueError, match="config.rl.algorithm: unknown RL algorithm 'dpo'; known: "
+                                       "grpo, online_dpo, ppo, rloo"):
+    models_lib.make_models(tiny_config(dirs, algorithm="dpo"))
+  with pytest.raises(ValueError, match="config.rl.reward: unknown reward 'vader'; known: .*gold"
+                                       ".*model"):
+    ppo.init(tiny_config(dirs, reward="vader"), jax.random.key(0), None)
+  with pytest.raises(ValueError, match="config.rl.samples_per_prompt: rloo needs >= 2"):
+    models_lib.make_models(tiny_config(dirs, rloo_config, samples_per_prompt=1))
+  with pytest.raises(ValueError, match="config.rl.reward_checkpoint"):
+    models_lib.make_models(tiny_config(dirs, reward_checkpoint=""))
+  with pytest.raises(ValueError, match="policy: max_len=32 .* config.sampling.max_new_tokens"):
+    models_lib.make_models(tiny_config(dirs, max_new_tokens=20))
 
 
 def test_reward_pooling_comes_from_the_reward_runs_config(dirs, tmp_path):
-  assert rollout_lib.make_models(tiny_config(dirs)).reward_pooling == "last"   # no field: last
+  assert models_lib.make_models(tiny_config(dirs)).reward_pooling == "last"   # no field: last
   with open(os.path.join(dirs["rm"], "config.json")) as f:
     saved = json.load(f)
   for pooling in ("sum", "mean"):
@@ -357,11 +398,11 @@ def test_reward_pooling_comes_from_the_reward_runs_config(dirs, tmp_path):
       json.dump(dict(saved, reward={"pooling": pooling}), f)
     config = tiny_config(dirs, reward_checkpoint=str(rm_dir))
     if pooling == "sum":
-      assert rollout_lib.make_models(config).reward_pooling == "sum"
+      assert models_lib.make_models(config).reward_pooling == "sum"
     else:
       with pytest.raises(ValueError,
                          match=r"config.json: reward.pooling: expected one of .*, got 'mean'"):
-        rollout_lib.make_models(config)
+        models_lib.make_models(config)
 
 
 def test_preference_pairs_pick_best_and_worst_and_drop_ties():
@@ -372,7 +413,8 @@ def test_preference_pairs_pick_best_and_worst_and_drop_ties():
         "mask": np.ones((9, 6), np.int32),
         "response_mask": (np.arange(n)[None] < rng.integers(1, n + 1, size=9)[:, None]).astype(np.int32),
         "ref_logprobs": rng.normal(size=(9, n)).astype(np.float32), "scores": scores}
-  pairs, metrics = jax.device_get(ppo.preference_pairs({k_: jnp.asarray(v) for k_, v in ro.items()}, k))
+  pairs, metrics = jax.device_get(algorithms.preference_pairs(
+      {k_: jnp.asarray(v) for k_, v in ro.items()}, k))
   np.testing.assert_array_equal(pairs["chosen_tokens"][:, 0], [1, 3, 6])    # argmax per prompt
   np.testing.assert_array_equal(pairs["rejected_tokens"][:, 0], [2, 3, 7])  # argmin per prompt
   np.testing.assert_array_equal(pairs["valid"], [1.0, 0.0, 1.0])
@@ -402,16 +444,17 @@ def test_online_dpo_round_trains_dpo_on_its_own_samples(dirs):
   # The online loss equals the offline DPO stage's on the same pairs, laid out as it lays
   # them out (loss_mask on the response), with the trained policy.
   mesh, _, _ = compiled(config)
-  models = rollout_lib.make_models(config)
+  models = models_lib.make_models(config)
   batch = next(ppo.make_data(config, config.data.data_dir).train)
   prompts = {k: jnp.repeat(jnp.asarray(v), 2, axis=0) for k, v in batch.items()
              if k.startswith("prompt_")}
   with jax.set_mesh(mesh):
-    ro = rollout_lib.rollout(config, models, rollout_lib.make_reward_fn(config, models),
+    ro = rollout_lib.rollout(config, models, rewards.get(config).make_fn(config, models),
                              state.params, state.extras, prompts["prompt_tokens"],
                              prompts["prompt_mask"], jax.random.key(3))
-    pairs, _ = ppo.preference_pairs(ro, 2)
-    loss, metrics = ppo.online_dpo_loss_fn(config, models)(state.params, state.extras, pairs, None)
+    pairs, _ = algorithms.preference_pairs(ro, 2)
+    loss, metrics = algorithms.online_dpo_loss(config, models)(state.params, state.extras, pairs,
+                                                               None)
   p = config.data.prompt_len
   offline = {}
   for name in ("chosen", "rejected"):
@@ -419,7 +462,7 @@ def test_online_dpo_round_trains_dpo_on_its_own_samples(dirs):
     offline[f"{name}_mask"] = pairs[f"{name}_mask"]
     offline[f"{name}_loss_mask"] = jnp.pad(pairs[f"{name}_response_mask"], ((0, 0), (p, 0)))
   dc = config.copy_and_resolve_references()
-  dc.dpo = dict(loss="sigmoid", beta=config.ppo.kl_coef, label_smoothing=0.0)
+  dc.dpo = dict(loss="sigmoid", beta=config.rl.kl_coef, label_smoothing=0.0)
   dc = ml_collections.ConfigDict(dc.to_dict())
   expected, expected_metrics = dpo_stage.dpo_loss_and_metrics(
       dc.dpo, models.reference, state.params["policy"], state.extras["reference"],
@@ -431,10 +474,10 @@ def test_online_dpo_round_trains_dpo_on_its_own_samples(dirs):
 
 def test_online_dpo_config_errors_name_the_field(dirs):
   from configs import online_dpo as online_dpo_config
-  with pytest.raises(ValueError, match="config.ppo.dpo_loss"):
-    rollout_lib.make_models(tiny_config(dirs, online_dpo_config, temperature=1.0, dpo_loss="kto"))
-  with pytest.raises(ValueError, match="config.ppo.temperature"):
-    rollout_lib.make_models(tiny_config(dirs, online_dpo_config, temperature=0.7))
-  with pytest.raises(ValueError, match="config.ppo.num_minibatches.*4 pairs"):
-    rollout_lib.make_models(tiny_config(dirs, online_dpo_config, temperature=1.0,
+  with pytest.raises(ValueError, match="config.rl.dpo_loss"):
+    models_lib.make_models(tiny_config(dirs, online_dpo_config, temperature=1.0, dpo_loss="kto"))
+  with pytest.raises(ValueError, match="config.sampling.temperature"):
+    models_lib.make_models(tiny_config(dirs, online_dpo_config, temperature=0.7))
+  with pytest.raises(ValueError, match="config.rl.num_minibatches.*4 pairs"):
+    models_lib.make_models(tiny_config(dirs, online_dpo_config, temperature=1.0,
                                         num_minibatches=3))
