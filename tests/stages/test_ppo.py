@@ -373,8 +373,9 @@ def test_wrong_reward_shape_is_a_clear_error(dirs, monkeypatch):
 
 
 def test_config_errors_name_the_field(dirs):
-  with pytest.raises(ValueError, match="config.rl.algorithm: unknown RL algorithm 'dpo'; known: "
-                                       "grpo, online_dpo, ppo, rloo"):
+  known = ", ".join(algorithms.ALGORITHMS.names())   # grpo, online_dpo, ppo, rloo
+  with pytest.raises(ValueError, match=f"config.rl.algorithm: unknown RL algorithm 'dpo'; known: "
+                                       f"{known} "):
     models_lib.make_models(tiny_config(dirs, algorithm="dpo"))
   with pytest.raises(ValueError, match="config.rl.reward: unknown reward 'vader'; known: .*gold"
                                        ".*model"):
