@@ -49,3 +49,18 @@ def bradley_terry_loss(r_chosen, r_rejected, *, margin=None, label_smoothing=0.0
       'margin': jnp.mean(r_c - r_r),
   }
   return loss, metrics
+
+
+def soft_bradley_terry_loss(r_chosen, r_rejected, target, **kwargs):
+  """Bradley-Terry with soft targets: -[p log sigma(d) + (1 - p) log sigma(-d)], d = r_c - r_r.
+
+  p = target `[batch]` in [0, 1], the labeller's P(chosen > rejected): the cross-entropy
+  between the labeller's preference distribution and the reward model's (RLAIF, Lee et al.
+  2023, Sec. 2.2). It is `bradley_terry_loss` with a per-pair label smoothing 1 - p, so
+  p = 1 is the hard loss and p = 0 the hard loss with the pair swapped. An AI-labelled
+  dataset (`rlhf_jax.feedback.judge`) keeps the judge's log-odds as `margin`: p =
+  sigmoid(margin). Other keyword arguments (margin, center_coef, ...) go to
+  `bradley_terry_loss`; returns its `(loss, metrics)`.
+  """
+  return bradley_terry_loss(r_chosen, r_rejected, label_smoothing=1.0 - _float(target),
+                            **kwargs)
