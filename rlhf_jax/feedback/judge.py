@@ -11,8 +11,8 @@ orders cancels the judge's position bias:
   P(a > b) = 1/(2S) sum_s [sigmoid(gap_ab_s) + sigmoid(-gap_ba_s)]     (S principles)
 
 `margin` is the log-odds log P(a > b) - log P(b > a), computed from log-sigmoids so it
-is finite even where P rounds to 0 or 1, and exactly antisymmetric: swapping a and b
-negates it. A pair is labelled by its sign (0: a tie, not labelled); the preference
+is finite even where P rounds to 0 or 1, and antisymmetric to the last bit: swapping a
+and b (same logits) negates it. A pair is labelled by its sign (0: a tie, not labelled); the preference
 dataset keeps |margin| in the `margin` column, so sigmoid(margin) = P(chosen > rejected)
 is the soft target for Bradley-Terry (`objectives.bradley_terry.soft_bradley_terry_loss`).
 
@@ -135,8 +135,8 @@ def combine(gap_ab: np.ndarray, gap_ba: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def comparison_text(constitution: constitution_lib.Constitution,
-                     fmt: constitution_lib.PromptFormat, prompt: str, first: str, second: str,
-                     principle: int) -> str:
+                    fmt: constitution_lib.PromptFormat, prompt: str, first: str, second: str,
+                    principle: int) -> str:
   return fmt.render(constitution.turn(
       "comparison", prompt=prompt, response_a=first, response_b=second,
       question=constitution.principles[principle].comparison_question))
@@ -167,9 +167,9 @@ def judge_pairs(lm: models.LanguageModel, constitution: constitution_lib.Constit
   for i in range(n):
     for principle in principles[i]:
       texts.append(comparison_text(constitution, fmt, prompts[i], responses_a[i],
-                                    responses_b[i], principle))
+                                   responses_b[i], principle))
       texts.append(comparison_text(constitution, fmt, prompts[i], responses_b[i],
-                                    responses_a[i], principle))
+                                   responses_a[i], principle))
   ids = models.encode(lm, texts, fmt.add_bos)
   rows_per_pair = 2 * slots
   on_batch = (lambda rows: progress.update(rows / rows_per_pair)) if progress else None

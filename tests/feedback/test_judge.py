@@ -152,3 +152,17 @@ def test_errors(lm, constitution, tmp_path):
     judge.judge_pairs(lm, constitution, fmt, PROMPTS, A, B, [(0,), (0, 1), (1,)])
   with pytest.raises(FileNotFoundError, match="no config.json"):
     models.load(str(tmp_path))
+
+
+def test_progress_line_reports_rate_and_time_left(capsys):
+  now = [100.0]
+  progress = models.Progress("judge", 100, "pairs", every_s=10.0, clock=lambda: now[0])
+  now[0] = 105.0
+  progress.update(50)                                  # 5 s since the start: too soon
+  assert capsys.readouterr().out == ""
+  now[0] = 110.0
+  progress.update(40)
+  assert capsys.readouterr().out == "judge: 40/100 pairs, 4.0 pairs/s, 0:15 left\n"
+  now[0] = 111.0
+  progress.update(100)                                 # the end is always printed
+  assert capsys.readouterr().out == "judge: 100/100 pairs, 9.1 pairs/s, 0:00 left\n"
