@@ -12,9 +12,10 @@ orders cancels the judge's position bias:
 
 `margin` is the log-odds log P(a > b) - log P(b > a), computed from log-sigmoids so it
 is finite even where P rounds to 0 or 1, and antisymmetric to the last bit: swapping a
-and b (same logits) negates it. A pair is labelled by its sign (0: a tie, not labelled); the preference
-dataset keeps |margin| in the `margin` column, so sigmoid(margin) = P(chosen > rejected)
-is the soft target for Bradley-Terry (`objectives.bradley_terry.soft_bradley_terry_loss`).
+and b (same logits) negates it. A pair is labelled by its sign (0: a tie, not labelled);
+the preference dataset keeps |margin| in the `margin` column, so sigmoid(margin) =
+P(chosen > rejected) is the soft target for Bradley-Terry
+(`objectives.bradley_terry.soft_bradley_terry_loss`).
 
 One forward pass per padded batch, jitted once per (batch, length) shape: rows are
 sorted by length and padded to a multiple of `bucket`; only the last position's logits

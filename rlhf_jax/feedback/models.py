@@ -249,7 +249,8 @@ class Progress:
   def __init__(self, what: str, total: int, unit: str, every_s: float = 10.0,
                enabled: bool = True, clock=None):
     self._clock = clock or time.monotonic
-    self.what, self.total, self.unit, self.every_s, self.enabled = what, total, unit, every_s, enabled
+    self.what, self.total, self.unit = what, total, unit
+    self.every_s, self.enabled = every_s, enabled
     self.start = self._last = self._clock()
 
   def line(self, done: float) -> str:

@@ -64,7 +64,8 @@ def test_cli_errors(model_and_prompts, tmp_path):
   model, prompts = model_and_prompts
   out = run_cli(f"--model={model}", f"--out={tmp_path}", f"--prompts={prompts}",
                 "--num_prompts=4", "--num_test_prompts=2")
-  assert out.returncode != 0 and "has 5 prompts, --num_prompts + --num_test_prompts = 6" in out.stderr
+  assert out.returncode != 0
+  assert "has 5 prompts, --num_prompts + --num_test_prompts = 6" in out.stderr
   out = run_cli(f"--model={model}", f"--out={tmp_path}", f"--prompts={prompts}",
                 "--principles=kindness")
   assert out.returncode != 0 and "principles='kindness'" in out.stderr

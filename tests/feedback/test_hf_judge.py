@@ -5,6 +5,7 @@ code path as an rlhf_jax run, its chat template rendered as transformers renders
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
@@ -53,11 +54,10 @@ def hf_judge(tmp_path_factory):
   hf.save_hf(params, mc, out, model_type="qwen2", extra_config=ids,
              tokenizer_path=str(root / "tokenizer.json"))
   with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
-    json.dump({"chat_template": CHAT_TEMPLATE, "bos_token": "<s>",
-               "eos_token": {  # the older AddedToken form
-                   "__type": "AddedToken", "content": "<|im_end|>", "lstrip": False,
-                   "normalized": False, "rstrip": False, "single_word": False, "special": True}, "pad_token": "<pad>",
-               "tokenizer_class": "PreTrainedTokenizerFast"}, f)
+    eos = {"__type": "AddedToken", "content": "<|im_end|>", "lstrip": False,   # older form
+           "normalized": False, "rstrip": False, "single_word": False, "special": True}
+    json.dump({"chat_template": CHAT_TEMPLATE, "bos_token": "<s>", "eos_token": eos,
+               "pad_token": "<pad>", "tokenizer_class": "PreTrainedTokenizerFast"}, f)
   return out, model, params, tok
 
 
@@ -93,7 +93,6 @@ def test_hf_model_samples_critiques_and_revisions(hf_judge):
   lm = models.load(hf_judge[0])
   c = constitution_lib.load(DEFAULT)
   fmt = constitution_lib.make_format(c, "chat", lm.chat_template, lm.special_tokens)
-  import jax  # pylint: disable=g-import-not-at-top
   records = revision.critique_and_revise(lm, c, fmt, ["The film"], jax.random.key(0),
                                          response_tokens=4, critique_tokens=4,
                                          revision_tokens=4, greedy=True, batch_size=1)

@@ -81,7 +81,8 @@ def test_cli_flag_errors(runs, tmp_path):
                 "--temperature=0.3")
   assert out.returncode != 0 and "--temperature does not apply to --labeler=ai" in out.stderr
   out = run_cli(f"--policy={policy}", f"--out={tmp_path}", "--judge_batch_size=4")
-  assert out.returncode != 0 and "--judge_batch_size does not apply to --labeler=simulated" in out.stderr
+  assert out.returncode != 0
+  assert "--judge_batch_size does not apply to --labeler=simulated" in out.stderr
   out = run_cli(f"--policy={policy}", f"--out={tmp_path}", "--labeler=ai", f"--judge={judge}",
                 "--principles=kindness")
   assert out.returncode != 0 and "principles='kindness'" in out.stderr
