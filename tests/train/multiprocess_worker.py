@@ -38,6 +38,7 @@ def make_config(stage: str, overrides: dict):
 def run_train(job: dict) -> dict:
   """loop.train; with `kill_before_step`, killed there (every process) and resumed."""
   import importlib
+  import rlhf_jax.testbed  # noqa: F401  (registers the testbed's data source and gold reward)
   from rlhf_jax.data import pipeline
   from rlhf_jax.train import loop
   stage = importlib.import_module(f"rlhf_jax.stages.{job['stage']}")
