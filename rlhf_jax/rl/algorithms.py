@@ -236,7 +236,8 @@ def preference_pairs(ro: dict, samples_per_prompt: int) -> tuple[dict, dict]:
   """
   scores = ro["scores"].reshape(-1, samples_per_prompt)
   base = jnp.arange(scores.shape[0]) * samples_per_prompt
-  rows = {"chosen": base + jnp.argmax(scores, axis=1), "rejected": base + jnp.argmin(scores, axis=1)}
+  rows = {"chosen": base + jnp.argmax(scores, axis=1),
+          "rejected": base + jnp.argmin(scores, axis=1)}
   gap = jnp.max(scores, axis=1) - jnp.min(scores, axis=1)
   pairs = {"valid": (gap > 0).astype(jnp.float32)}
   for name, index in rows.items():
