@@ -65,8 +65,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = base.model_config("bench")
   c.train.num_steps = 1000                 # only shapes the learning-rate schedule
   c.optimizer.warmup_steps = 0
-  c.dpo = dpo_config.get_config().dpo
-  c.reward = reward_config.get_config().reward
+  c.preference = dpo_config.get_config().preference
+  c.reward_model = reward_config.get_config().reward_model
   b = c.bench = ml_collections.ConfigDict()
   b.batch_size = 4          # sequences per train step (reward, DPO: batch_size // 2 pairs)
   b.seq_len = 128           # tokens per sequence

@@ -44,8 +44,8 @@ def get_config():
   c.reward.data.source = "dataset"
   c.reward.data.train_file = ""
   c.reward.data.seq_len = 96
-  c.reward.reward.pooling = "sum"   # the last-token reading does not learn the testbed's
-                                    # sentiment at this size (held-out accuracy stays at 0.5)
+  c.reward.reward_model.pooling = "sum"   # the last-token reading does not learn the testbed's
+                                          # sentiment at this size (held-out accuracy stays at 0.5)
   c.reward.data.batch_size = 32
   c.reward.train.update(num_steps=300, eval_every=0, checkpoint_every=300)
   c.reward.optimizer.learning_rate = 3e-4   # 1e-3 does not learn; 1e-4 learns slower
@@ -84,5 +84,5 @@ def make_quick(c: ml_collections.ConfigDict) -> None:
   c.ppo.rl.update(epochs=1, num_minibatches=2)
   c.ppo.sampling.max_new_tokens = 16
   c.dpo.train.update(num_steps=30, eval_every=0, checkpoint_every=30)
-  c.dpo.dpo.update(eval_prompts=32, max_new_tokens=16)
+  c.dpo.sampling.update(eval_prompts=32, max_new_tokens=16)
   c.evaluation.update(num_prompts=32, best_of_n=4, reward_samples=64)

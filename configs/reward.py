@@ -17,11 +17,11 @@ def get_config():
   c.train.eval_every = 100
   c.train.eval_batches = 0          # 0: the whole held-out split
   c.optimizer.learning_rate = 3e-4
-  c.reward = ml_collections.ConfigDict()
-  c.reward.pooling = "last"         # "last": scalar at the last real token (InstructGPT); "sum": summed over tokens
-  c.reward.zero_head = True         # scalar head starts at 0: every reward starts at 0
-  c.reward.use_margin = False       # subtract each pair's `margin` inside the sigmoid (Llama 2)
-  c.reward.label_smoothing = 0.0    # eps: -(1-eps) log s(d) - eps log s(-d)
-  c.reward.center_coef = 0.0        # lambda * (r_c + r_r)^2 keeps rewards centred at 0
-  c.reward.clear_gold_gap = 0.1     # testbed: pairs whose gold scores differ by more than this
+  c.reward_model = ml_collections.ConfigDict()
+  c.reward_model.pooling = "last"         # "last": scalar at the last real token (InstructGPT); "sum": summed over tokens
+  c.reward_model.zero_head = True         # scalar head starts at 0: every reward starts at 0
+  c.reward_model.use_margin = False       # subtract each pair's `margin` inside the sigmoid (Llama 2)
+  c.reward_model.label_smoothing = 0.0    # eps: -(1-eps) log s(d) - eps log s(-d)
+  c.reward_model.center_coef = 0.0        # lambda * (r_c + r_r)^2 keeps rewards centred at 0
+  c.reward_model.clear_gold_gap = 0.1     # testbed: pairs whose gold scores differ by more than this
   return c

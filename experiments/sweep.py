@@ -4,7 +4,7 @@ r"""Runs a sweep: one config, a list of overrides, one workdir and seed per run.
       --workdir=/tmp/sweep --parallel=2 [--set=train.num_steps=50 ...]
 
 The sweep file has `get_sweep() -> list[dict]`, each dict mapping dotted config
-keys to values (e.g. {"dpo.beta": 0.1, "seed": 1}); a config may define its own
+keys to values (e.g. {"preference.beta": 0.1, "seed": 1}); a config may define its own
 `get_sweep()` instead of --sweep. Each run is `experiments.train` in a subprocess
 with its own workdir (named after its overrides); runs that finished are skipped
 and a killed one resumes from its checkpoint. Final metrics of every run are

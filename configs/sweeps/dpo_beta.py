@@ -2,4 +2,4 @@
 
 
 def get_sweep():
-  return [{"dpo.beta": beta, "seed": seed} for beta in (0.05, 0.1, 0.3, 1.0) for seed in (0, 1, 2)]
+  return [{"preference.beta": beta, "seed": seed} for beta in (0.05, 0.1, 0.3, 1.0) for seed in (0, 1, 2)]

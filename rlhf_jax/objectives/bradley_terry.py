@@ -3,6 +3,8 @@
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.objectives.sft import weighted_mean
+
 
 def _float(x):
   x = jnp.asarray(x)
@@ -10,7 +12,7 @@ def _float(x):
 
 
 def bradley_terry_loss(r_chosen, r_rejected, *, margin=None, label_smoothing=0.0,
-                       center_coef=0.0):
+                       center_coef=0.0, weights=None):
   """Reward-model loss -log sigma(r_c - r_r - m), averaged over pairs.
 
   * InstructGPT (Ouyang et al. 2022, eq. 1): -log sigma(r(x, y_w) - r(x, y_l)).
@@ -26,6 +28,8 @@ def bradley_terry_loss(r_chosen, r_rejected, *, margin=None, label_smoothing=0.0
     margin: optional `[batch]` margins m.
     label_smoothing: eps in [0, 1].
     center_coef: weight of the centring penalty.
+    weights: optional `[batch]` pair weights (an eval batch's `valid`: 0 drops a padding
+      row); every mean is then weighted. None: plain means.
 
   Returns:
     `(loss, metrics)`: scalar loss; metrics `loss`, `accuracy` (fraction r_c > r_r),
@@ -40,13 +44,14 @@ def bradley_terry_loss(r_chosen, r_rejected, *, margin=None, label_smoothing=0.0
     d = d - _float(margin)
   eps = label_smoothing
   per_pair = -(1.0 - eps) * jax.nn.log_sigmoid(d) - eps * jax.nn.log_sigmoid(-d)
-  loss = jnp.mean(per_pair) + center_coef * jnp.mean(jnp.square(r_c + r_r))
+  mean = lambda x: weighted_mean(x, weights)
+  loss = mean(per_pair) + center_coef * mean(jnp.square(r_c + r_r))
   metrics = {
       'loss': loss,
-      'accuracy': jnp.mean((r_c > r_r).astype(jnp.float32)),
-      'reward_chosen': jnp.mean(r_c),
-      'reward_rejected': jnp.mean(r_r),
-      'margin': jnp.mean(r_c - r_r),
+      'accuracy': mean((r_c > r_r).astype(jnp.float32)),
+      'reward_chosen': mean(r_c),
+      'reward_rejected': mean(r_r),
+      'margin': mean(r_c - r_r),
   }
   return loss, metrics
 

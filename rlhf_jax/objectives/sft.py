@@ -14,6 +14,15 @@ def _float(x):
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+def weighted_mean(x, weights=None):
+  """Mean of `x` `[batch]`; with `weights` `[batch]` the weighted mean (0 drops a row), as
+  the losses of every objective average over examples (an eval batch passes `valid`)."""
+  if weights is None:
+    return jnp.mean(x)
+  weights = _float(weights)
+  return jnp.sum(weights * x) / jnp.maximum(jnp.sum(weights), 1e-8)
+
+
 def token_logprobs(logits, tokens):
   """log p(tokens[:, t+1] | tokens[:, :t+1]), computed in float32.
 

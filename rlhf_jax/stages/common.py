@@ -1,4 +1,4 @@
-"""What every stage builds the same way: the model, its sharded params and train state, eval averaging."""
+"""What every stage builds the same way: the model, its sharded params and train state, evaluation over batches."""
 
 import os
 from typing import Any, Callable, Iterable
@@ -6,6 +6,7 @@ from typing import Any, Callable, Iterable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from rlhf_jax.model import sampling
 from rlhf_jax.model import transformer
@@ -72,23 +73,36 @@ def load_initial_params(config: ml_collections.ConfigDict, params: Any) -> Any:
   return params
 
 
-def average_over_batches(eval_step: Callable, state, batches: Iterable[dict], mesh) -> dict:
-  """Weighted mean of `eval_step(state, batch) -> metrics` over batches.
+def evaluate_batches(eval_step: Callable, state, batches: Iterable[dict], mesh,
+                     columns: tuple[str, ...] = ()) -> tuple[dict, dict]:
+  """Runs the jitted `eval_step(state, batch) -> (metrics, rows)` over held-out batches.
 
-  Each metrics dict carries a `weight` (tokens or examples it averages over);
-  every other entry is averaged with those weights.
+  `metrics` are scalars averaged over the batch's real rows, with a `weight` (tokens or
+  examples they average over): returned as their weighted mean over batches. `rows` are
+  per-example `[batch]` outputs: returned on the host, concatenated over batches, with the
+  batch's own `columns` (e.g. gold scores) beside them, valid rows only.
   """
   totals: dict = {}
   total_weight = 0.0
+  gathered: dict = {}
   for batch in batches:
-    metrics = jax.device_get(eval_step(state, sharding_lib.put_batch(batch, mesh)))
+    batch = sharding_lib.put_batch(batch, mesh)   # multi-host: gather outputs and columns alike
+    metrics, rows = eval_step(state, batch)
+    metrics = jax.device_get(metrics)
     weight = float(metrics.pop("weight"))
     total_weight += weight
     for k, v in metrics.items():
       totals[k] = totals.get(k, 0.0) + float(v) * weight
+    carried = {k: batch[k] for k in (*columns, "valid") if k in batch}
+    for k, v in sharding_lib.to_host(dict(rows, **carried) if rows else {}).items():
+      gathered.setdefault(k, []).append(np.asarray(v))
   if total_weight == 0:
     raise ValueError("evaluation saw no examples: the eval split is empty or every example was filtered")
-  return {k: v / total_weight for k, v in totals.items()}
+  rows = {k: np.concatenate(v) for k, v in gathered.items()}
+  if rows:
+    valid = rows.pop("valid") == 1
+    rows = {k: v[valid] for k, v in rows.items()}
+  return {k: v / total_weight for k, v in totals.items()}, rows
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:

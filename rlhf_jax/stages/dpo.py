@@ -1,26 +1,29 @@
 """Direct preference optimisation and its family: no reward model, no rollouts.
 
 The policy and the frozen reference each score the stacked chosen and rejected
-sequences in one forward pass; `config.dpo.loss` picks the loss of
-`rlhf_jax.objectives.preference` (sigmoid = DPO, robust, ipo, hinge, simpo, orpo)
-or 'kto' on the pairs taken apart (chosen desirable, rejected undesirable).
-Evaluation adds, beside the held-out pair metrics, one sampled response for each of
-`config.dpo.eval_prompts` held-out prompts: its sequence KL to the reference and its
-gold reward. With `config.dpo.reference = 'precompute'` the reference's log-probs of
-every pair are computed once before training (`<workdir>/reference_logps.npz`, reused
-while the reference, data and layout are the same) and read from the batch: no
-reference forward pass in the step, and no reference params unless evaluation samples.
-Online (iterative) DPO, on pairs the policy samples, is
+sequences in one forward pass; `config.preference.loss` names the loss in
+`rlhf_jax.objectives.preference.LOSSES` (sigmoid = DPO, robust, ipo,
+ipo_length_normalised, hinge, simpo, orpo, kto), whose hyper-parameters are the
+`config.preference` fields of the same names. Evaluation calls that same loss on the
+held-out pairs and adds, with `config.sampling.eval_prompts`, one sampled response for
+each of that many distinct held-out prompts: its sequence KL to the reference and its
+gold reward. With `config.preference.reference = 'precompute'` the reference's log-probs
+of every pair are computed once before training (`<workdir>/reference_logps.npz`,
+reused while the reference params, data and layout are the same) and read from the
+batch: no reference forward pass in the step, and no reference params unless
+evaluation samples. Online (iterative) DPO, on pairs the policy samples, is
 `configs/online_dpo.py` (the RL stage's sampling and rewards).
 """
 
 import functools
+import hashlib
 import json
 import os
 
 from absl import logging
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from rlhf_jax import tokenizers
@@ -30,31 +33,26 @@ from rlhf_jax.objectives import sft as sft_objective
 from rlhf_jax.stages import common
 from rlhf_jax.stages import reward as reward_stage
 from rlhf_jax.rl import evaluation as rl_evaluation
+from rlhf_jax.train import checkpoint as checkpoint_lib
 from rlhf_jax.train import loop
 from rlhf_jax.train import sharding as sharding_lib
-from rlhf_jax.train import state as state_lib
 from rlhf_jax.train import step as step_lib
 
-LOSSES = preference.KINDS + ("kto",)
 REFERENCE_MODES = ("step", "precompute")
 REFERENCE_COLUMNS = ("reference_chosen_logps", "reference_rejected_logps")
-# config.dpo fields each loss takes, as keyword hyper-parameters.
-HPARAMS = {"sigmoid": ("beta", "label_smoothing"), "robust": ("beta", "label_smoothing"),
-           "ipo": ("beta",), "hinge": ("beta",), "simpo": ("beta", "gamma"), "orpo": ("lam",),
-           "kto": ("beta", "desirable_weight", "undesirable_weight")}
+LOSS_FIELD = "config.preference.loss"
 
 
 def check_config(config) -> None:
-  if config.dpo.loss not in LOSSES:
-    raise ValueError(f"config.dpo.loss: unknown loss {config.dpo.loss!r}; expected one of {LOSSES}")
-  if config.dpo.reference not in REFERENCE_MODES:
-    raise ValueError(f"config.dpo.reference: expected one of {REFERENCE_MODES}, got "
-                     f"{config.dpo.reference!r}")
+  preference.LOSSES.get(config.preference.loss, LOSS_FIELD)
+  if config.preference.reference not in REFERENCE_MODES:
+    raise ValueError(f"config.preference.reference: expected one of {REFERENCE_MODES}, got "
+                     f"{config.preference.reference!r}")
 
 
 def make_data(config, workdir):
   check_config(config)
-  if config.dpo.reference == "step":
+  if config.preference.reference == "step":
     return reward_stage.make_preference_data(config, workdir)
   def splits_with_reference(config, workdir):
     splits, transform, stats, dataset_dir = reward_stage.preference_splits(config, workdir)
@@ -64,10 +62,25 @@ def make_data(config, workdir):
   return reward_stage.make_preference_data(config, workdir, splits_with_reference)
 
 
-def _reference_meta(config, splits, dataset_dir) -> dict:
-  """What the precomputed log-probs depend on; a cache with other values is recomputed."""
-  return {"reference": os.path.abspath(config.init.checkpoint) if config.init.checkpoint
+def params_fingerprint(params) -> str:
+  """sha256 of every leaf's path and bytes (one host): equal params, equal strings."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    digest.update(jax.tree_util.keystr(path).encode())
+    digest.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+  return digest.hexdigest()
+
+
+def _reference_meta(config, splits, dataset_dir, params) -> dict:
+  """What the precomputed log-probs depend on; a cache with other values is recomputed.
+
+  The reference is named by its path, its checkpoint step and a fingerprint of its
+  params, so a reference run that trained further (or was replaced) is noticed."""
+  checkpoint = config.init.checkpoint
+  return {"reference": os.path.abspath(checkpoint) if checkpoint
                        else config.init.hf_dir or f"random init, seed {config.seed}",
+          "reference_step": checkpoint_lib.checkpoint_dir(checkpoint)[1] if checkpoint else None,
+          "reference_params": params_fingerprint(params),
           "dataset_dir": os.path.abspath(dataset_dir), "seq_len": config.data.seq_len,
           "model": config.model.to_dict(), "tokenizer": config.tokenizer.to_dict(),
           "records": {k: len(v) for k, v in splits.items()}}
@@ -78,14 +91,7 @@ def reference_logps(config, workdir: str, splits: dict, transform, dataset_dir: 
   frozen reference (the params `init` starts from), NaN for pairs that do not fit;
   cached atomically in `<workdir>/reference_logps.npz`."""
   if jax.process_count() > 1:
-    raise ValueError("config.dpo.reference='precompute' runs on one host; use 'step'")
-  path = os.path.join(workdir, "reference_logps.npz")
-  meta = _reference_meta(config, splits, dataset_dir)
-  if os.path.exists(path):
-    with np.load(path) as saved:
-      if json.loads(str(saved["meta"])) == json.loads(json.dumps(meta)):
-        return {split: {k: saved[f"{split}/{k}"] for k in REFERENCE_COLUMNS} for split in splits}
-    logging.warning("%s: made for another reference or dataset; recomputing", path)
+    raise ValueError("config.preference.reference='precompute' runs on one host; use 'step'")
   mesh = jax.sharding.get_mesh()   # the training loop's
   if mesh.empty:
     mesh = sharding_lib.make_mesh(config.mesh)
@@ -95,6 +101,14 @@ def reference_logps(config, workdir: str, splits: dict, transform, dataset_dir: 
       lambda r: model.init(r, *common.dummy_inputs())["params"], loop.run_keys(config.seed)[0],
       mesh, sharding_lib.rules(config))
   params = common.load_initial_params(config, params)
+  path = os.path.join(workdir, "reference_logps.npz")
+  meta = _reference_meta(config, splits, dataset_dir, params)
+  if os.path.exists(path):
+    with np.load(path) as saved:
+      if json.loads(str(saved["meta"])) == json.loads(json.dumps(meta)):
+        return {split: {k: saved[f"{split}/{k}"] for k in REFERENCE_COLUMNS} for split in splits}
+    logging.warning("%s: made for another reference (params or step) or dataset; recomputing",
+                    path)
   fn = jax.jit(lambda p, b: sequence_logps(model, p, b)[:2])
   size = config.data.eval_batch_size
   out = {}
@@ -121,13 +135,14 @@ def reference_logps(config, workdir: str, splits: dict, transform, dataset_dir: 
 
 def init(config, rng, mesh):
   check_config(config)
-  needed = config.data.prompt_len + config.dpo.max_new_tokens
-  if config.dpo.eval_prompts and config.model.max_len < needed:
+  sc = config.sampling
+  needed = config.data.prompt_len + sc.max_new_tokens
+  if sc.eval_prompts and config.model.max_len < needed:
     raise ValueError(f"config.model.max_len={config.model.max_len} < config.data.prompt_len "
-                     f"({config.data.prompt_len}) + config.dpo.max_new_tokens "
-                     f"({config.dpo.max_new_tokens}), needed to sample at evaluation "
-                     "(config.dpo.eval_prompts=0 turns sampling off)")
-  keep_reference = config.dpo.reference == "step" or config.dpo.eval_prompts > 0
+                     f"({config.data.prompt_len}) + config.sampling.max_new_tokens "
+                     f"({sc.max_new_tokens}), needed to sample at evaluation "
+                     "(config.sampling.eval_prompts=0 turns sampling off)")
+  keep_reference = config.preference.reference == "step" or sc.eval_prompts > 0
   return common.init_state(config, common.make_model(config), rng, mesh,
                            extras_fn=lambda params: {"reference": params} if keep_reference else {})
 
@@ -151,28 +166,33 @@ def reference_sequence_logps(model, reference, batch):
   return jax.lax.stop_gradient(sequence_logps(model, reference, batch)[:2])
 
 
-def dpo_loss_and_metrics(dc, model, params, reference, batch):
+def pair_logps(model, params, reference, batch) -> dict:
+  """The `preference.preference_loss` inputs of a batch of pairs, each `[batch]`: summed
+  policy and reference log-probs of the chosen and rejected responses, response lengths."""
+  policy_chosen, policy_rejected, chosen_lengths, rejected_lengths = sequence_logps(
+      model, params, batch)
+  reference_chosen, reference_rejected = reference_sequence_logps(model, reference, batch)
+  return dict(policy_chosen_logps=policy_chosen, policy_rejected_logps=policy_rejected,
+              reference_chosen_logps=reference_chosen,
+              reference_rejected_logps=reference_rejected, chosen_lengths=chosen_lengths,
+              rejected_lengths=rejected_lengths)
+
+
+def loss_hparams(dc) -> dict:
+  """The `config.preference` fields that the section `dc`'s loss takes."""
+  return {k: dc[k] for k in preference.LOSSES.get(dc.loss, LOSS_FIELD).hparams}
+
+
+def loss_of_logps(dc, logps: dict, weights=None):
+  """(loss, metrics) of the `config.preference` section `dc`'s loss on `pair_logps`."""
+  return preference.preference_loss(dc.loss, **logps, weights=weights, **loss_hparams(dc))
+
+
+def dpo_loss_and_metrics(dc, model, params, reference, batch, weights=None):
   """The configured loss of the preference family on one batch of pairs; `reference` is
-  unused (may be None) when the batch carries precomputed reference log-probs."""
-  pc, pr, lc, lr = sequence_logps(model, params, batch)
-  rc, rr = reference_sequence_logps(model, reference, batch)
-  hparams = {k: dc[k] for k in HPARAMS[dc.loss]}
-  if dc.loss == "kto":
-    policy = jnp.concatenate([pc, pr])
-    ref = jnp.concatenate([rc, rr])
-    desirable = jnp.arange(policy.shape[0]) < pc.shape[0]
-    # z0 (KTO sec. 4.1) from the batch's own log-ratios: the pairs are not re-matched
-    # with other prompts, a cheaper (and more conservative) estimate than the paper's.
-    z0 = preference.kto_reference_point(policy, ref)
-    loss = jnp.mean(preference.kto_loss(policy, ref, desirable, z0, **hparams))
-    reward_c, reward_r = dc.beta * (pc - rc), dc.beta * (pr - rr)
-    metrics = {"loss": loss, "kto/z0": z0, "rewards/chosen": jnp.mean(reward_c),
-               "rewards/rejected": jnp.mean(reward_r), "rewards/margin": jnp.mean(reward_c - reward_r),
-               "rewards/accuracy": jnp.mean((reward_c > reward_r).astype(jnp.float32)),
-               "logps/chosen": jnp.mean(pc), "logps/rejected": jnp.mean(pr)}
-    return loss, metrics
-  return preference.preference_loss(dc.loss, pc, pr, rc, rr, chosen_lengths=lc,
-                                    rejected_lengths=lr, **hparams)
+  unused (may be None) when the batch carries precomputed reference log-probs; `weights`
+  `[batch]` (an eval batch's `valid`) drop rows. The train step and evaluation both call it."""
+  return loss_of_logps(dc, pair_logps(model, params, reference, batch), weights)
 
 
 def make_step(config):
@@ -180,18 +200,22 @@ def make_step(config):
 
   def loss_fn(params, extras, batch, rng):
     del rng
-    return dpo_loss_and_metrics(config.dpo, model, params, extras.get("reference"), batch)
+    return dpo_loss_and_metrics(config.preference, model, params, extras.get("reference"), batch)
 
   return step_lib.make_train_step(loss_fn, config)
 
 
 @functools.cache
-def _logps_fn(model):
+def _eval_step(model, dc: ml_collections.FrozenConfigDict):
   @jax.jit
-  def fn(params, reference, batch):
-    return sequence_logps(model, params, batch)[:2], reference_sequence_logps(model, reference,
-                                                                               batch)
-  return fn
+  def eval_step(state, batch):
+    logps = pair_logps(model, state.params, state.extras.get("reference"), batch)
+    _, metrics = loss_of_logps(dc, logps, batch["valid"])
+    reward_chosen, reward_rejected = preference.implicit_rewards(dc.loss, **logps,
+                                                                 **loss_hparams(dc))
+    return (dict(metrics, weight=jnp.sum(batch["valid"])),
+            {"reward_margin": reward_chosen - reward_rejected})
+  return eval_step
 
 
 def pair_prompts(batch: dict, prompt_len: int, pad_id: int) -> dict:
@@ -213,62 +237,72 @@ def pair_prompts(batch: dict, prompt_len: int, pad_id: int) -> dict:
   return {"prompt_tokens": out, "prompt_mask": out_mask, "valid": np.asarray(batch["valid"])}
 
 
-def _prompt_batches(config, batches, pad_id: int):
-  """Prompt batches of the first `config.dpo.eval_prompts` held-out pairs.
+def distinct_prompts(prompts: dict, limit: int) -> dict:
+  """The first `limit` distinct valid rows of host prompt rows `[rows, P]`, in order."""
+  seen, keep = set(), []
+  for i in np.flatnonzero(np.asarray(prompts["valid"]) == 1):
+    key = (prompts["prompt_tokens"][i].tobytes(), prompts["prompt_mask"][i].tobytes())
+    if key not in seen and len(keep) < limit:
+      seen.add(key)
+      keep.append(i)
+  return {k: np.asarray(prompts[k])[keep] for k in ("prompt_tokens", "prompt_mask")}
 
-  Rows are cut by their index in the global batch, so every process yields the same
-  number of batches (each one is a collective step) whatever its share of real rows.
-  """
-  size = config.data.eval_batch_size
-  per_process = size // jax.process_count()
-  for b, batch in enumerate(batches):
-    if b * size >= config.dpo.eval_prompts:
-      return
+
+def heldout_prompts(config, pair_batches, mesh, pad_id: int) -> dict:
+  """The first `config.sampling.eval_prompts` distinct prompts of the held-out pairs
+  (pairs share prompts: the testbed labels 4-6 pairs a prompt), the same on every process:
+  each batch's prompts are gathered from every process before they are compared."""
+  limit = config.sampling.eval_prompts
+  gathered, found = [], None
+  for batch in pair_batches:
     prompts = pair_prompts(batch, config.data.prompt_len, pad_id)
-    rows = b * size + jax.process_index() * per_process + np.arange(per_process)
-    prompts["valid"] = np.where(rows < config.dpo.eval_prompts, prompts["valid"], 0
-                                ).astype(np.int32)
-    yield prompts
+    gathered.append(sharding_lib.to_host(sharding_lib.put_batch(prompts, mesh)))
+    found = distinct_prompts({k: np.concatenate([g[k] for g in gathered]) for k in prompts},
+                             limit)
+    if len(found["prompt_tokens"]) == limit:
+      break
+  if found is None:
+    raise ValueError("sampled evaluation: the eval split has no pairs")
+  return found
+
+
+def prompt_batches(prompts: dict, batch_size: int, process_index: int, process_count: int):
+  """Host batches of `batch_size` global rows of `prompts` `[rows, P]`: this process's
+  share of each (rows [p b, (p + 1) b), b = batch_size // process_count), the last batch
+  filled with copies of the last prompt (valid 0)."""
+  n = len(prompts["prompt_tokens"])
+  per_process = batch_size // process_count
+  for start in range(0, n, batch_size):
+    rows = start + process_index * per_process + np.arange(per_process)
+    batch = {k: v[np.minimum(rows, n - 1)] for k, v in prompts.items()}
+    yield dict(batch, valid=(rows < n).astype(np.int32))
 
 
 def sampled_metrics(config, state, data, mesh, rng) -> dict:
-  """`rollout.sampled_policy_metrics` on the held-out pairs' prompts, keys prefixed 'sampled/'."""
+  """`rollout.sampled_policy_metrics` on distinct held-out prompts (one sample each, so
+  its standard errors are over prompts), keys prefixed 'sampled/'."""
   model = common.make_model(config)
   tokenizer = tokenizers.make_tokenizer(config.tokenizer)
+  sc = config.sampling
+  prompts = heldout_prompts(config, data.eval(), mesh, tokenizer.pad_id)
+  batches = prompt_batches(prompts, sc.eval_batch_size, jax.process_index(), jax.process_count())
   summary = rl_evaluation.sampled_policy_metrics(
-      model, state.params, model, state.extras["reference"],
-      _prompt_batches(config, data.eval(), tokenizer.pad_id), mesh, rng, tokenizer=tokenizer,
-      max_new_tokens=config.dpo.max_new_tokens, num_texts=config.dpo.eval_texts)
+      model, state.params, model, state.extras["reference"], batches, mesh, rng,
+      tokenizer=tokenizer, max_new_tokens=sc.max_new_tokens, num_texts=sc.eval_texts)
   return {f"sampled/{k}": v for k, v in summary.items()}
 
 
 def evaluate(config, state, data, mesh, rng):
-  """Held-out preference metrics: implicit rewards beta * log(pi / pi_ref), margin, accuracy;
-  with `config.dpo.eval_prompts`, `sampled_metrics` too (KL to the reference, gold reward)."""
-  fn = _logps_fn(common.make_model(config))
-  rows = {"pc": [], "pr": [], "rc": [], "rr": [], "valid": [], "gold": []}
-  for batch in data.eval():
-    batch = sharding_lib.put_batch(batch, mesh)   # multi-host: gather outputs and columns alike
-    columns = {k: batch[k] for k in ("valid", "chosen_score", "rejected_score") if k in batch}
-    ((pc, pr), (rc, rr)), batch = sharding_lib.to_host(
-        (fn(state.params, state.extras.get("reference"), batch), columns))
-    for k, v in zip(("pc", "pr", "rc", "rr", "valid"), (pc, pr, rc, rr, batch["valid"])):
-      rows[k].append(v)
-    if "chosen_score" in batch:
-      rows["gold"].append(batch["chosen_score"] - batch["rejected_score"])
-  valid = np.concatenate(rows["valid"]) == 1
-  take = lambda k: np.concatenate(rows[k])[valid].astype(np.float64)
-  pc, pr, rc, rr = take("pc"), take("pr"), take("rc"), take("rr")
-  beta = config.dpo.beta
-  reward_c, reward_r = beta * (pc - rc), beta * (pr - rr)
-  metrics = {"rewards/chosen": float(reward_c.mean()), "rewards/rejected": float(reward_r.mean()),
-             "rewards/margin": float((reward_c - reward_r).mean()),
-             "rewards/accuracy": float(np.mean(reward_c > reward_r)),
-             "logps/chosen": float(pc.mean()), "logps/rejected": float(pr.mean()),
-             "dpo_loss": float(np.mean(np.logaddexp(0.0, -(reward_c - reward_r)))),
-             "num_pairs": int(valid.sum())}
-  if rows["gold"]:
-    metrics["gold_agreement"] = float(np.mean((reward_c - reward_r) * take("gold") > 0))
-  if config.dpo.eval_prompts:
+  """Held-out pair metrics of the training loss (`loss`, implicit rewards, margin,
+  accuracy, log-probs: averaged over the real pairs), gold agreement of the implicit
+  reward margin on testbed pairs; with `config.sampling.eval_prompts`, `sampled_metrics`
+  too (KL to the reference, gold reward)."""
+  eval_step = _eval_step(common.make_model(config),
+                         ml_collections.FrozenConfigDict(config.preference))
+  metrics, rows = common.evaluate_batches(eval_step, state, data.eval(), mesh,
+                                          reward_stage.GOLD_COLUMNS)
+  metrics["num_pairs"] = len(rows["reward_margin"])
+  metrics.update(reward_stage.gold_metrics(rows["reward_margin"].astype(np.float64), rows))
+  if config.sampling.eval_prompts:
     metrics.update(sampled_metrics(config, state, data, mesh, rng))
   return metrics

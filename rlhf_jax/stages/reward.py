@@ -1,7 +1,7 @@
 """Reward modelling: a scalar head on the transformer, Bradley-Terry loss on preference pairs.
 
 The reward of a sequence is the scalar head's output at its last real token
-(InstructGPT), or with `config.reward.pooling = 'sum'` the sum of the head's outputs
+(InstructGPT), or with `config.reward_model.pooling = 'sum'` the sum of the head's outputs
 over every real token (a token-level reward model). Chosen and rejected sequences go
 through the model in one batched forward pass. `score(model, params, tokens, mask,
 pooling) -> [batch]` is the trained reward model as a plain function, for PPO and
@@ -23,8 +23,6 @@ from rlhf_jax.data import tfds_builders
 from rlhf_jax.objectives import bradley_terry
 from rlhf_jax.stages import common
 from rlhf_jax.train import loop
-from rlhf_jax.train import sharding as sharding_lib
-from rlhf_jax.train import state as state_lib
 from rlhf_jax.train import step as step_lib
 
 HEADS = ("scalar",)
@@ -37,7 +35,7 @@ def last_token_index(mask: jax.Array) -> jax.Array:
   return seq - 1 - jnp.argmax(mask[:, ::-1] != 0, axis=-1)
 
 
-def check_pooling(pooling: str, field: str = "config.reward.pooling") -> None:
+def check_pooling(pooling: str, field: str = "config.reward_model.pooling") -> None:
   if pooling not in POOLINGS:
     raise ValueError(f"{field}: expected one of {POOLINGS}, got {pooling!r}")
 
@@ -59,8 +57,11 @@ def score(model, params, tokens: jax.Array, mask: jax.Array, pooling: str = "las
 
 
 def pooling_of(run_config) -> str:
-  """The pooling of a reward run from its (dict or ConfigDict) config; 'last' if unset."""
-  return dict(run_config.get("reward") or {}).get("pooling", "last")
+  """The pooling of a reward run from its (dict or ConfigDict) config; 'last' if unset.
+
+  Runs saved before the section was named `reward_model` have it under `reward`."""
+  section = run_config.get("reward_model") or run_config.get("reward") or {}
+  return dict(section).get("pooling", "last")
 
 
 def pair_rewards(model, params, batch: dict, pooling: str = "last") -> tuple[jax.Array, jax.Array]:
@@ -73,7 +74,7 @@ def pair_rewards(model, params, batch: dict, pooling: str = "last") -> tuple[jax
 
 
 # Per-pair float columns a record may carry into its example: gold scores (testbed
-# datasets) and precomputed reference log-probs (`config.dpo.reference = "precompute"`).
+# datasets) and precomputed reference log-probs (`config.preference.reference = "precompute"`).
 PASSED_COLUMNS = ("chosen_score", "rejected_score", "reference_chosen_logps",
                   "reference_rejected_logps")
 
@@ -132,21 +133,25 @@ def make_data(config, workdir):
 
 
 def init(config, rng, mesh):
-  """The reward model from `config.init`; with `config.reward.zero_head` its scalar head
+  """The reward model from `config.init`; with `config.reward_model.zero_head` its scalar head
   starts at 0, so every reward starts at 0 (a summed random head would start at +-10)."""
-  check_pooling(config.reward.pooling)
+  check_pooling(config.reward_model.pooling)
   state = common.init_state(config, common.make_model(config, HEADS), rng, mesh)
-  if not config.reward.zero_head:
+  if not config.reward_model.zero_head:
     return state
   return state.replace(params=common.zero_scalar_head(state.params))
 
 
-def loss_terms(config, model, params, batch):
-  r_chosen, r_rejected = pair_rewards(model, params, batch, config.reward.pooling)
-  rc = config.reward
+def loss_terms(rm, model, params, batch, weights=None):
+  """((loss, metrics), (r_chosen, r_rejected) [batch]): the Bradley-Terry loss of the
+  `config.reward_model` section `rm` (pooling, margin, label smoothing, centring) on one
+  batch of pairs; `weights` `[batch]` (an eval batch's `valid`) drop rows. The train step
+  and evaluation both call this."""
+  r_chosen, r_rejected = pair_rewards(model, params, batch, rm.pooling)
   return bradley_terry.bradley_terry_loss(
-      r_chosen, r_rejected, margin=batch["margin"] if rc.use_margin else None,
-      label_smoothing=rc.label_smoothing, center_coef=rc.center_coef), (r_chosen, r_rejected)
+      r_chosen, r_rejected, margin=batch["margin"] if rm.use_margin else None,
+      label_smoothing=rm.label_smoothing, center_coef=rm.center_coef,
+      weights=weights), (r_chosen, r_rejected)
 
 
 def make_step(config):
@@ -154,53 +159,51 @@ def make_step(config):
 
   def loss_fn(params, extras, batch, rng):
     del extras, rng
-    (loss, metrics), _ = loss_terms(config, model, params, batch)
+    (loss, metrics), _ = loss_terms(config.reward_model, model, params, batch)
     return loss, metrics
 
   return step_lib.make_train_step(loss_fn, config)
 
 
 @functools.cache
-def _pair_rewards_fn(model, pooling):
-  return jax.jit(lambda params, batch: pair_rewards(model, params, batch, pooling))
+def _eval_step(model, rm: ml_collections.FrozenConfigDict):
+  @jax.jit
+  def eval_step(state, batch):
+    (_, metrics), (r_chosen, r_rejected) = loss_terms(rm, model, state.params, batch,
+                                                      batch["valid"])
+    return (dict(metrics, weight=jnp.sum(batch["valid"])),
+            {"r_chosen": r_chosen, "r_rejected": r_rejected})
+  return eval_step
+
+
+GOLD_COLUMNS = ("chosen_score", "rejected_score")
+
+
+def gold_metrics(reward_margin: np.ndarray, rows: dict, clear_gap: float | None = None) -> dict:
+  """The fraction of pairs whose reward margin `[pairs]` has the sign of their gold margin
+  (testbed pairs: `rows` has the gold scores; {} otherwise); with `clear_gap`, also on the
+  clear pairs (gold gap > `clear_gap`) and their fraction."""
+  if GOLD_COLUMNS[0] not in rows:
+    return {}
+  gold = (rows["chosen_score"] - rows["rejected_score"]).astype(np.float64)
+  agree = reward_margin * gold > 0
+  metrics = {"gold_agreement": float(np.mean(agree))}
+  if clear_gap is not None:
+    clear = np.abs(gold) > clear_gap
+    metrics.update(
+        gold_agreement_clear=float(np.mean(agree[clear])) if clear.any() else float("nan"),
+        clear_pair_fraction=float(np.mean(clear)))
+  return metrics
 
 
 def evaluate(config, state, data, mesh, rng):
-  """Held-out loss, accuracy, rewards and margin; gold agreement on testbed pairs.
-
-  Rewards of every held-out pair are gathered, and the metrics computed over all
-  of them at once on the host.
-  """
+  """Held-out loss (the training loss: margin, label smoothing, centring), accuracy,
+  rewards and margin, averaged over the real pairs; gold agreement on testbed pairs."""
   del rng
-  fn = _pair_rewards_fn(common.make_model(config, HEADS), config.reward.pooling)
-  columns = {"r_chosen": [], "r_rejected": [], "valid": [], "margin": [], "gold": []}
-  for batch in data.eval():
-    batch = sharding_lib.put_batch(batch, mesh)   # multi-host: gather outputs and columns alike
-    columns_in = {k: batch[k] for k in ("valid", "margin", "chosen_score", "rejected_score")
-                  if k in batch}
-    (r_chosen, r_rejected), batch = sharding_lib.to_host((fn(state.params, batch), columns_in))
-    columns["r_chosen"].append(r_chosen)
-    columns["r_rejected"].append(r_rejected)
-    columns["valid"].append(batch["valid"])
-    columns["margin"].append(batch["margin"])
-    if "chosen_score" in batch:
-      columns["gold"].append(batch["chosen_score"] - batch["rejected_score"])
-  valid = np.concatenate(columns["valid"]) == 1
-  if not valid.any():
-    raise ValueError("reward evaluation: the eval split has no pair that fits config.data.seq_len")
-  take = lambda k: np.concatenate(columns[k])[valid].astype(np.float64)
-  r_chosen, r_rejected, margin = take("r_chosen"), take("r_rejected"), take("margin")
-  diff = r_chosen - r_rejected
-  loss_diff = diff - margin if config.reward.use_margin else diff
-  metrics = {"loss": float(np.mean(np.logaddexp(0.0, -loss_diff))),
-             "accuracy": float(np.mean(diff > 0)), "reward_chosen": float(np.mean(r_chosen)),
-             "reward_rejected": float(np.mean(r_rejected)), "margin": float(np.mean(diff)),
-             "num_pairs": int(valid.sum())}
-  if columns["gold"]:
-    gold = take("gold")
-    agree = diff * gold > 0
-    clear = np.abs(gold) > config.reward.clear_gold_gap
-    metrics.update(gold_agreement=float(np.mean(agree)),
-                   gold_agreement_clear=float(np.mean(agree[clear])) if clear.any() else float("nan"),
-                   clear_pair_fraction=float(np.mean(clear)))
+  eval_step = _eval_step(common.make_model(config, HEADS),
+                         ml_collections.FrozenConfigDict(config.reward_model))
+  metrics, rows = common.evaluate_batches(eval_step, state, data.eval(), mesh, GOLD_COLUMNS)
+  margin = rows["r_chosen"].astype(np.float64) - rows["r_rejected"]
+  metrics["num_pairs"] = len(margin)
+  metrics.update(gold_metrics(margin, rows, config.reward_model.clear_gold_gap))
   return metrics

@@ -18,7 +18,6 @@ from rlhf_jax.data import tfds_builders
 from rlhf_jax.objectives import sft as sft_objective
 from rlhf_jax.stages import common
 from rlhf_jax.train import loop
-from rlhf_jax.train import state as state_lib
 from rlhf_jax.train import step as step_lib
 
 DATA_KIND = "demonstration"
@@ -54,13 +53,20 @@ def logits_fn(model, params, batch):
   return outputs["logits"]
 
 
+def loss_and_metrics(model, params, batch, weights=None):
+  """`sft_objective.sft_loss` of a right-padded LM batch: the targets are `loss_mask`'s
+  (response tokens; every token for pretraining). `weights` `[batch]` (an eval batch's
+  `valid`) drop rows. The train step and evaluation both call this."""
+  loss_mask = batch["loss_mask"] if weights is None else batch["loss_mask"] * weights[:, None]
+  return sft_objective.sft_loss(logits_fn(model, params, batch), batch["tokens"], loss_mask)
+
+
 def make_step(config):
   model = common.make_model(config)
 
   def loss_fn(params, extras, batch, rng):
     del extras, rng
-    return sft_objective.sft_loss(logits_fn(model, params, batch), batch["tokens"],
-                                  batch["loss_mask"])
+    return loss_and_metrics(model, params, batch)
 
   return step_lib.make_train_step(loss_fn, config)
 
@@ -69,17 +75,16 @@ def make_step(config):
 def _eval_step(model):
   @jax.jit
   def eval_step(state, batch):
-    weights = batch["loss_mask"][:, 1:] * batch["valid"][:, None]
-    nll = -sft_objective.token_logprobs(logits_fn(model, state.params, batch), batch["tokens"])
-    total = jnp.sum(weights)
-    return {"loss": jnp.sum(nll * weights) / jnp.maximum(total, 1), "weight": total}
+    _, metrics = loss_and_metrics(model, state.params, batch, batch["valid"])
+    weight = metrics.pop("num_target_tokens")
+    return dict(metrics, weight=weight), {}
   return eval_step
 
 
 def evaluate(config, state, data, mesh, rng):
-  """Token-level eval loss and perplexity over the held-out split."""
+  """Token-level eval loss, accuracy and perplexity over the held-out split."""
   del rng
-  metrics = common.average_over_batches(_eval_step(common.make_model(config)), state,
-                                        data.eval(), mesh)
+  metrics, _ = common.evaluate_batches(_eval_step(common.make_model(config)), state,
+                                       data.eval(), mesh)
   metrics["perplexity"] = float(jnp.exp(metrics["loss"]))
   return metrics

@@ -24,6 +24,8 @@ def np_losses(kind, pc, pr, rc, rr, lc, lr, beta=0.1, label_smoothing=0.0, gamma
     return ((1 - eps) * -np_log_sigmoid(beta * h) - eps * -np_log_sigmoid(-beta * h)) / (1 - 2 * eps)
   if kind == 'ipo':
     return (h - 1 / (2 * beta)) ** 2
+  if kind == 'ipo_length_normalised':   # TRL: each log-ratio divided by its length first
+    return ((pc - rc) / lc - (pr - rr) / lr - 1 / (2 * beta)) ** 2
   if kind == 'hinge':
     return np.maximum(0.0, 1 - beta * h)
   if kind == 'simpo':
@@ -47,20 +49,52 @@ HPARAMS = {
     'sigmoid': dict(beta=0.3, label_smoothing=0.1),
     'robust': dict(beta=0.3, label_smoothing=0.2),
     'ipo': dict(beta=0.5),
+    'ipo_length_normalised': dict(beta=0.5),
     'hinge': dict(beta=0.7),
     'simpo': dict(beta=2.0, gamma=0.8),
     'orpo': dict(lam=0.25),
 }
 
 
+PAIRED = [k for k in preference.LOSSES.names() if not preference.LOSSES.get(k).unpaired]
+REFERENCE_FREE = [k for k in PAIRED if preference.LOSSES.get(k).reference_free]
+
+
 def call(kind, pc, pr, rc, rr, lc=LENS_C, lr=LENS_R, **hp):
-  fn = preference._PAIRED_LOSSES[kind]
-  if kind in ('simpo', 'orpo'):
-    return fn(pc, pr, lc, lr, **hp)
-  return fn(pc, pr, rc, rr, **hp)
+  """The registered per-example loss of `kind` on its own inputs, by name."""
+  record = preference.LOSSES.get(kind)
+  given = dict(policy_chosen_logps=pc, policy_rejected_logps=pr, reference_chosen_logps=rc,
+               reference_rejected_logps=rr, chosen_lengths=lc, rejected_lengths=lr)
+  return record.losses(*(given[n] for n in record.inputs), **hp)
 
 
-@pytest.mark.parametrize('kind', preference.KINDS)
+def test_registry_is_the_one_source_of_names_inputs_and_hyper_parameters():
+  assert set(PAIRED) == set(HPARAMS) and REFERENCE_FREE == ['orpo', 'simpo']
+  assert preference.LOSSES.get('sigmoid').hparams == ('beta', 'label_smoothing')
+  assert preference.LOSSES.get('kto').hparams == ('beta', 'desirable_weight',
+                                                  'undesirable_weight')
+  assert preference.LOSSES.get('ipo_length_normalised').inputs[4:] == ('chosen_lengths',
+                                                                      'rejected_lengths')
+  with pytest.raises(ValueError, match=r"config.preference.loss: unknown preference loss 'dpo'; "
+                                       r"known: hinge, ipo, ipo_length_normalised, kto"):
+    preference.LOSSES.get('dpo')
+  with pytest.raises(ValueError, match=r"^config.ppo.dpo_loss: unknown"):
+    preference.preference_loss('dpo', PC, PR, RC, RR, field='config.ppo.dpo_loss')
+
+
+def test_length_normalised_ipo_equals_ipo_on_per_token_log_probs():
+  # TRL's IPO: the log-probs of policy and reference divided by the response length.
+  per_token = lambda x, n: (x / n).astype(np.float32)
+  np.testing.assert_allclose(
+      preference.ipo_length_normalised_loss(PC, PR, RC, RR, LENS_C, LENS_R, beta=0.5),
+      preference.ipo_loss(per_token(PC, LENS_C), per_token(PR, LENS_R), per_token(RC, LENS_C),
+                          per_token(RR, LENS_R), beta=0.5), rtol=1e-5)
+  # and differs from the summed convention once lengths differ.
+  assert np.max(np.abs(preference.ipo_length_normalised_loss(PC, PR, RC, RR, LENS_C, LENS_R)
+                       - preference.ipo_loss(PC, PR, RC, RR))) > 1.0
+
+
+@pytest.mark.parametrize('kind', PAIRED)
 def test_losses_match_numpy(kind):
   out = call(kind, PC, PR, RC, RR, **HPARAMS[kind])
   assert out.shape == (B,) and out.dtype == jnp.float32
@@ -128,11 +162,11 @@ def fd_grad(f, x, eps=1e-6):
   return g
 
 
-@pytest.mark.parametrize('kind', preference.KINDS)
+@pytest.mark.parametrize('kind', PAIRED)
 def test_gradients_match_finite_differences(kind):
   with jax.enable_x64(True):
     args = [a.astype(np.float64) for a in (PC, PR, RC, RR)]
-    for i in range(2 if kind in ('simpo', 'orpo') else 4):
+    for i in range(2 if kind in REFERENCE_FREE else 4):
       def f(x):
         a = list(args)
         a[i] = x
@@ -140,7 +174,7 @@ def test_gradients_match_finite_differences(kind):
       np.testing.assert_allclose(jax.grad(f)(args[i]), fd_grad(f, args[i]), rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize('kind', preference.KINDS)
+@pytest.mark.parametrize('kind', PAIRED)
 def test_extreme_log_ratios_are_finite(kind):
   # Log-ratios of +-50 (reference-based) and mean log-probs from -50 to 0 (reference-free).
   pc = np.array([-1., -100., -50., 0., -1e-9], np.float32)
@@ -148,7 +182,7 @@ def test_extreme_log_ratios_are_finite(kind):
   rc = pc + np.array([-50., 50., 50., -50., 0.], np.float32)
   rr = pr + np.array([50., -50., -50., 50., 0.], np.float32)
   lens = np.ones(5, np.int32)
-  hp = dict(HPARAMS[kind], **({} if kind in ('simpo', 'orpo') else {'beta': 1.0}))
+  hp = dict(HPARAMS[kind], **({} if kind in REFERENCE_FREE else {'beta': 1.0}))
   f = lambda a, b, c, d: jnp.sum(call(kind, a, b, c, d, lens, lens, **hp))
   loss = f(pc, pr, rc, rr)
   grads = jax.grad(f, argnums=(0, 1, 2, 3))(pc, pr, rc, rr)
@@ -251,3 +285,21 @@ def test_dispatcher_errors():
     preference.preference_loss('sigmoid', PC, PR)
   with pytest.raises(ValueError, match='label_smoothing'):
     preference.preference_loss('robust', PC, PR, RC, RR, label_smoothing=0.5)
+
+
+def test_dispatcher_kto_takes_the_pairs_apart_and_weights_drop_rows():
+  hp = dict(beta=0.5, desirable_weight=1.0, undesirable_weight=1.5)
+  loss, m = preference.preference_loss('kto', PC, PR, RC, RR, **hp)
+  policy, reference = np.concatenate([PC, PR]), np.concatenate([RC, RR])
+  z0 = max(0.0, np.mean(policy.astype(np.float64) - reference))
+  desirable = np.arange(2 * B) < B
+  expected = preference.kto_loss(policy, reference, desirable, z0, **hp)
+  np.testing.assert_allclose(loss, np.mean(expected), rtol=1e-5)
+  np.testing.assert_allclose(m['kto/z0'], z0, rtol=1e-5)
+  np.testing.assert_allclose(m['rewards/chosen'], np.mean(0.5 * (PC - RC)), rtol=1e-5)
+  keep = np.arange(B) < 4
+  weighted, wm = preference.preference_loss('kto', PC, PR, RC, RR, weights=keep, **hp)
+  dropped, dm = preference.preference_loss('kto', PC[keep], PR[keep], RC[keep], RR[keep], **hp)
+  np.testing.assert_allclose(weighted, dropped, rtol=1e-5)
+  np.testing.assert_allclose(wm['kto/z0'], dm['kto/z0'], rtol=1e-5, atol=1e-7)
+  assert abs(float(weighted) - float(loss)) > 1e-4

@@ -25,6 +25,6 @@ def pair_config(module, tmp_path, **train):
   c.train.update(num_steps=4, log_every=1, eval_every=0, checkpoint_every=0, eval_batches=0)
   c.train.update(**train)
   c.optimizer.warmup_steps = 1
-  if "dpo" in c:
-    c.dpo.eval_prompts = 0    # sampling at eval: tested once, in test_dpo
+  if "preference" in c:
+    c.sampling.eval_prompts = 0    # sampling at eval: tested once, in test_dpo
   return c

@@ -1,4 +1,5 @@
-"""DPO stage: loss against an independent NumPy formula, the reference never moves, every loss runs."""
+"""DPO stage: loss against an independent NumPy formula, the reference never moves, every loss
+trains, evaluation reports the training loss, sampling over distinct prompts, the reference cache."""
 
 import json
 import os
@@ -11,11 +12,17 @@ import pytest
 from configs import dpo as dpo_config
 from rlhf_jax import tokenizers
 from rlhf_jax.data import collate
+from rlhf_jax.objectives import preference
 from rlhf_jax.stages import common
 from rlhf_jax.stages import dpo
+from rlhf_jax.stages import reward as reward_stage
 from rlhf_jax.train import loop
 from rlhf_jax.train import checkpoint as checkpoint_lib
 from tests.stages.pairs import pair_config
+
+
+def one_device_mesh():
+  return jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
 
 
 def numpy_sequence_logp(model, params, tokens, mask, loss_mask):
@@ -29,13 +36,13 @@ def numpy_sequence_logp(model, params, tokens, mask, loss_mask):
 
 def test_dpo_loss_matches_numpy(tmp_path):
   config = pair_config(dpo_config, tmp_path)
-  config.dpo.beta = 0.5
+  config.preference.beta = 0.5
   model = common.make_model(config)
   init = lambda r: model.init(r, *(jnp.zeros((1, 4), jnp.int32),) * 2, jnp.ones((1, 4), jnp.int32))["params"]
   unbox = lambda t: jax.tree.map(lambda x: getattr(x, "value", x), t, is_leaf=lambda x: hasattr(x, "value"))
   policy, reference = unbox(init(jax.random.key(0))), unbox(init(jax.random.key(1)))
   batch = next(dpo.make_data(config, str(tmp_path)).train)
-  loss, metrics = dpo.dpo_loss_and_metrics(config.dpo, model, policy, reference,
+  loss, metrics = dpo.dpo_loss_and_metrics(config.preference, model, policy, reference,
                                            {k: jnp.asarray(v) for k, v in batch.items()})
   h = []
   for i in range(batch["chosen_tokens"].shape[0]):
@@ -49,17 +56,22 @@ def test_dpo_loss_matches_numpy(tmp_path):
   np.testing.assert_allclose(float(loss), expected, rtol=1e-4)
 
 
-def test_reference_is_never_updated_and_loss_starts_at_log2(tmp_path):
+def _records(workdir, split):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(l) for l in f if f'"{split}"' in l]
+
+
+def test_reference_is_never_updated_and_sampling_covers_distinct_prompts(tmp_path):
   config = pair_config(dpo_config, tmp_path, num_steps=5, checkpoint_every=5)
   config.optimizer.learning_rate = 1e-2
-  config.dpo.update(eval_prompts=3, max_new_tokens=8)
+  config.data.update(eval_fraction=0.3,   # held-out pairs share prompts (7 prompts in all)
+                     seq_len=64)           # no prompt cut short
+  config.sampling.update(eval_prompts=256, max_new_tokens=8, eval_texts=256, eval_batch_size=8)
   workdir = str(tmp_path / "run")
   final = loop.train(config, workdir, dpo)
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    train = [json.loads(l) for l in f if '"train"' in l]
-  assert abs(train[0]["loss"] - np.log(2)) < 1e-6        # policy == reference at step 1
-  assert final["dpo_loss"] < np.log(2) - 0.1               # held-out pairs: it learned
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+  assert abs(_records(workdir, "train")[0]["loss"] - np.log(2)) < 1e-6   # policy == reference
+  assert final["loss"] < np.log(2) - 0.1                   # held-out pairs: it learned
+  mesh = one_device_mesh()
   with jax.set_mesh(mesh):
     fresh = dpo.init(config, loop.run_keys(config.seed)[0], mesh)
     mngr = checkpoint_lib.manager(workdir, 2)
@@ -68,13 +80,51 @@ def test_reference_is_never_updated_and_loss_starts_at_log2(tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), state.extras["reference"], fresh.params)
   moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), state.params, fresh.params))
   assert all(moved)
-  # Sampled responses to 3 held-out prompts: KL 0 while policy == reference, > 0 after.
-  assert final["sampled/num"] == 3 and -1.0 <= final["sampled/gold_mean"] <= 1.0
+  # One sample per distinct held-out prompt, not one per pair.
+  splits, transform, _, _ = reward_stage.preference_splits(config, workdir)
+  test = [splits["test"][i] for i in range(len(splits["test"]))]
+  prompts = [r["prompt"] for r in test if transform(r) is not None]
+  assert len(prompts) > len(set(prompts))                   # the split repeats prompts
+  assert final["num_pairs"] == len(prompts)
+  assert final["sampled/num"] == len(set(prompts))
+  sampled_prompts = [t.split(": the movie was")[0] for t in final["sampled/samples"]]
+  assert sorted(sampled_prompts) == sorted({p.split(": the movie was")[0] for p in prompts})
+  # Its gold mean is over those samples, each once (each gold shown to 2 decimals).
+  golds = [float(t.rsplit("  [gold ", 1)[1].rstrip("]")) for t in final["sampled/samples"]]
+  np.testing.assert_allclose(final["sampled/gold_mean"], np.mean(golds), atol=0.005)
+  # KL 0 while policy == reference, > 0 after.
   assert final["sampled/kl"] > 0.01
   with jax.set_mesh(mesh):
     at_start = dpo.sampled_metrics(config, fresh, dpo.make_data(config, workdir), mesh,
                                    jax.random.key(0))
   assert abs(at_start["sampled/kl"]) < 1e-4
+
+
+def test_heldout_prompts_are_distinct_and_split_by_process():
+  tokenizer = tokenizers.make_tokenizer(dpo_config.get_config().tokenizer)
+  config = dpo_config.get_config()
+  config.data.prompt_len = 12
+  names = ["a", "b", "a", "c", "b", "a", "d", "e"]         # 5 distinct prompts, in this order
+  examples = [collate.preference_example(tokenizer, f"Review {n}", " fine.", " bad.", 48)
+              for n in names]
+  stack = lambda rows: {k: np.stack([e[k] for e in rows]) for k in rows[0]}
+  batches = [dict(stack(examples[:4]), valid=np.ones(4, np.int32)),
+             dict(stack(examples[4:]), valid=np.array([1, 1, 0, 1], np.int32))]   # "d" is padding
+  expected = [collate.prompt_example(tokenizer, f"Review {n}", 12)["prompt_tokens"]
+              for n in ("a", "b", "c", "e")]
+  for limit, want in ((3, expected[:3]), (256, expected)):
+    config.sampling.eval_prompts = limit
+    with jax.set_mesh(one_device_mesh()):
+      prompts = dpo.heldout_prompts(config, batches, one_device_mesh(), tokenizer.pad_id)
+    np.testing.assert_array_equal(prompts["prompt_tokens"], want)
+  # Batches of 4 global rows over 2 processes: each prompt sampled once, by one process, and
+  # every process runs the same number of (collective) batches.
+  shares = [list(dpo.prompt_batches(prompts, 4, p, 2)) for p in range(2)]
+  assert len(shares[0]) == len(shares[1]) == 1
+  rows = [b["prompt_tokens"][b["valid"] == 1] for share in shares for b in share]
+  np.testing.assert_array_equal(np.concatenate(rows), prompts["prompt_tokens"])
+  shares = list(dpo.prompt_batches(prompts, 3, 0, 1))
+  assert [len(b["valid"]) for b in shares] == [3, 3] and shares[1]["valid"].tolist() == [1, 0, 0]
 
 
 def test_pair_prompts_equal_the_prompt_layout():
@@ -92,30 +142,84 @@ def test_pair_prompts_equal_the_prompt_layout():
     np.testing.assert_array_equal(out["valid"], [1, 0])
 
 
-@pytest.mark.parametrize("loss", dpo.LOSSES)
+# Step 1 (policy == reference, every log-ratio 0) has a closed-form loss for the losses
+# with a reference; beta = 0.1: IPO's target 1 / (2 beta) = 5.
+LOSS_AT_STEP_1 = {"sigmoid": np.log(2), "robust": np.log(2), "ipo": 25.0,
+                  "ipo_length_normalised": 25.0, "hinge": 1.0, "kto": 0.5}
+
+
+@pytest.mark.parametrize("loss", preference.LOSSES.names())
 def test_every_loss_trains_a_step(tmp_path, loss):
-  config = pair_config(dpo_config, tmp_path, num_steps=2)
-  config.dpo.loss = loss
-  metrics = loop.train(config, str(tmp_path / loss), dpo)
-  assert np.isfinite(metrics["dpo_loss"])
+  config = pair_config(dpo_config, tmp_path, num_steps=4)
+  config.optimizer.learning_rate = 1e-2
+  config.preference.loss = loss
+  workdir = str(tmp_path / loss)
+  final = loop.train(config, workdir, dpo)
+  first = _records(workdir, "train")[0]["loss"]
+  if loss in LOSS_AT_STEP_1:
+    np.testing.assert_allclose(first, LOSS_AT_STEP_1[loss], rtol=1e-6)
+  assert final["loss"] < first - 0.01 * abs(first)          # its own loss fell, held out
+  assert final["rewards/accuracy"] > 0.5
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "simpo", "orpo", "ipo", "ipo_length_normalised",
+                                  "kto"])
+def test_evaluation_reports_the_training_loss(tmp_path, loss):
+  config = pair_config(dpo_config, tmp_path)
+  config.preference.loss = loss
+  config.optimizer.update(learning_rate=1e-2, warmup_steps=0)
+  mesh = one_device_mesh()
+  data = dpo.make_data(config, str(tmp_path))
+  batches = [dict(next(data.train), valid=np.ones(8, np.int32)) for _ in range(2)]
+  with jax.set_mesh(mesh):
+    state = dpo.init(config, jax.random.key(0), mesh)
+    step = jax.jit(dpo.make_step(config))
+    state, _ = step(state, batches[0], jax.random.key(1))   # policy != reference from here
+    _, train = step(state, batches[1], jax.random.key(2))
+    evaluated = dpo.evaluate(config, state, loop.Data(train=None, eval=lambda: batches[1:]), mesh,
+                             jax.random.key(3))
+  assert set(train) - {"grad_norm", "learning_rate"} <= set(evaluated)
+  for k in set(train) - {"grad_norm", "learning_rate"}:
+    np.testing.assert_allclose(evaluated[k], train[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  assert abs(train["loss"] - LOSS_AT_STEP_1.get(loss, 0.0)) > 1e-3   # not the step-1 value
+
+
+def test_evaluation_drops_padding_rows(tmp_path):
+  config = pair_config(dpo_config, tmp_path)
+  config.preference.loss = "kto"            # z0 is a batch mean: padding must not enter it
+  config.optimizer.update(learning_rate=1e-2, warmup_steps=0)
+  mesh = one_device_mesh()
+  batch = next(dpo.make_data(config, str(tmp_path)).train)
+  padded = {k: np.concatenate([v[:5], v[4:5].repeat(3, axis=0)]) for k, v in batch.items()}
+  padded["valid"] = np.array([1] * 5 + [0] * 3, np.int32)
+  with jax.set_mesh(mesh):
+    state = dpo.init(config, jax.random.key(0), mesh)
+    state, _ = jax.jit(dpo.make_step(config))(state, batch, jax.random.key(1))
+    evaluated = dpo.evaluate(config, state, loop.Data(train=None, eval=lambda: [padded]), mesh,
+                             jax.random.key(3))
+  real = {k: v[:5] for k, v in batch.items()}
+  loss, metrics = dpo.dpo_loss_and_metrics(config.preference, common.make_model(config),
+                                           state.params, state.extras["reference"], real)
+  np.testing.assert_allclose(evaluated["loss"], loss, rtol=1e-5)
+  np.testing.assert_allclose(evaluated["kto/z0"], metrics["kto/z0"], rtol=1e-5, atol=1e-7)
+  assert evaluated["num_pairs"] == 5
 
 
 def _train_losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(l) for l in f if '"train"' in l]
+  return _records(workdir, "train")
 
 
 def test_precomputed_reference_logps_train_as_the_step_does(tmp_path):
   config = pair_config(dpo_config, tmp_path, num_steps=3)
   config.optimizer.learning_rate = 1e-2
   step_metrics = loop.train(config, str(tmp_path / "step"), dpo)
-  config.dpo.reference = "precompute"
+  config.preference.reference = "precompute"
   workdir = str(tmp_path / "precompute")
   pre_metrics = loop.train(config, workdir, dpo)
   for a, b in zip(_train_losses(str(tmp_path / "step")), _train_losses(workdir)):
     for k in ("loss", "rewards/margin", "rewards/chosen", "logps/rejected"):
       np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
-  for k in ("dpo_loss", "rewards/accuracy", "rewards/margin"):
+  for k in ("loss", "rewards/accuracy", "rewards/margin"):
     np.testing.assert_allclose(pre_metrics[k], step_metrics[k], rtol=1e-5, atol=1e-6)
   # The cache: every record has a finite value; a fresh run reuses it; the state has no
   # reference params (evaluation does not sample here).
@@ -124,7 +228,7 @@ def test_precomputed_reference_logps_train_as_the_step_does(tmp_path):
     assert np.all(np.isfinite(saved["train/reference_chosen_logps"]))
     assert len(saved["test/reference_rejected_logps"]) > 0
   mtime = os.path.getmtime(cache)
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+  mesh = one_device_mesh()
   with jax.set_mesh(mesh):
     batch = next(dpo.make_data(config, workdir).train)
     assert os.path.getmtime(cache) == mtime
@@ -136,29 +240,44 @@ def test_precomputed_reference_logps_train_as_the_step_does(tmp_path):
   assert os.path.getmtime(cache) != mtime
 
 
-def test_bad_reference_mode_names_the_field(tmp_path):
+def test_precomputed_reference_logps_follow_the_reference_run(tmp_path):
+  # The reference is another run's checkpoint; when that run trains further, a restarted
+  # DPO run must recompute the cache, not reuse the old reference's log-probs.
+  reference_run = str(tmp_path / "reference")
+  config = pair_config(dpo_config, tmp_path, num_steps=2, checkpoint_every=2)
+  config.optimizer.learning_rate = 1e-2
+  loop.train(config, reference_run, dpo)
+  config.preference.reference = "precompute"
+  config.init.checkpoint = reference_run
+  workdir = str(tmp_path / "dpo")
+  mesh = one_device_mesh()
+  load = lambda: np.load(os.path.join(workdir, "reference_logps.npz"))
+  with jax.set_mesh(mesh):
+    dpo.make_data(config, workdir)
+  with load() as saved:
+    before = saved["train/reference_chosen_logps"].copy()
+  further = pair_config(dpo_config, tmp_path, num_steps=4, checkpoint_every=2)
+  further.optimizer.learning_rate = 1e-2
+  loop.train(further, reference_run, dpo)                   # resumes at 2, ends at 4
+  with jax.set_mesh(mesh):
+    batch = next(dpo.make_data(config, workdir).train)
+  with load() as saved:
+    after = saved["train/reference_chosen_logps"]
+    assert json.loads(str(saved["meta"]))["reference_step"] == 4
+  assert np.max(np.abs(after - before)) > 1e-3
+  # The new values are the trained reference's: the step-1 implicit rewards are 0.
+  with jax.set_mesh(mesh):
+    state = dpo.init(config, jax.random.key(0), mesh)
+    _, metrics = jax.jit(dpo.make_step(config))(state, batch, jax.random.key(1))
+  np.testing.assert_allclose(metrics["rewards/chosen"], 0.0, atol=1e-5)
+
+
+def test_bad_reference_mode_and_unknown_loss_name_the_field(tmp_path):
   config = pair_config(dpo_config, tmp_path)
-  config.dpo.reference = "cached"
-  with pytest.raises(ValueError, match="config.dpo.reference"):
+  config.preference.reference = "cached"
+  with pytest.raises(ValueError, match="config.preference.reference"):
     dpo.make_data(config, str(tmp_path))
-
-
-def test_eval_prompt_batches_cut_by_global_row_on_every_process(monkeypatch):
-  config = dpo_config.get_config()
-  config.data.update(eval_batch_size=8, prompt_len=6)
-  config.dpo.eval_prompts = 11
-  tokenizer = tokenizers.make_tokenizer(config.tokenizer)
-  example = collate.preference_example(tokenizer, "Review", " fine.", " bad.", 48)
-  kept = []
-  for process in range(2):
-    monkeypatch.setattr(jax, "process_count", lambda: 2)
-    monkeypatch.setattr(jax, "process_index", lambda p=process: p)
-    # Three global batches of 8; this process holds rows [4p, 4p + 4) of each.
-    batches = [{**{k: np.stack([v] * 4) for k, v in example.items()},
-                "valid": np.ones(4, np.int32)} for _ in range(3)]
-    out = list(dpo._prompt_batches(config, batches, tokenizer.pad_id))
-    assert len(out) == 2                                   # ceil(11 / 8) on every process
-    kept.append(np.concatenate([b["valid"] for b in out]))
-  # Global rows 0..10 are kept: batch 0 all 8, batch 1 rows 8, 9, 10 (process 0's first 3).
-  np.testing.assert_array_equal(kept[0], [1, 1, 1, 1, 1, 1, 1, 0])
-  np.testing.assert_array_equal(kept[1], [1, 1, 1, 1, 0, 0, 0, 0])
+  config = pair_config(dpo_config, tmp_path)
+  config.preference.loss = "dpo"
+  with pytest.raises(ValueError, match="config.preference.loss: .*'dpo'.*sigmoid, simpo"):
+    dpo.init(config, jax.random.key(0), one_device_mesh())

@@ -1,4 +1,5 @@
-"""Reward stage: the reward is read at the last real token; the loss is the formula's."""
+"""Reward stage: the reward is read at the last real token; the loss is the formula's, in
+training and evaluation alike; gold agreement by hand."""
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +66,7 @@ def test_sum_pooling_sums_the_token_scalars_of_real_tokens_only(tmp_path):
 
 def test_zero_head_starts_every_reward_at_zero_and_bad_pooling_is_named(tmp_path):
   config = pair_config(reward_config, tmp_path)
-  config.reward.pooling = "sum"
+  config.reward_model.pooling = "sum"
   mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
   state = reward.init(config, jax.random.key(0), mesh)
   model = common.make_model(config, reward.HEADS)
@@ -73,19 +74,19 @@ def test_zero_head_starts_every_reward_at_zero_and_bad_pooling_is_named(tmp_path
   np.testing.assert_array_equal(reward.score(model, state.params, tokens, (tokens != 0)
                                              .astype(jnp.int32), "sum"), 0.0)
   assert np.any(np.asarray(state.params["embed"]["embedding"]) != 0)   # only the head is zeroed
-  config.reward.pooling = "mean"
-  with pytest.raises(ValueError, match="config.reward.pooling"):
+  config.reward_model.pooling = "mean"
+  with pytest.raises(ValueError, match="config.reward_model.pooling"):
     reward.init(config, jax.random.key(0), mesh)
 
 
 def test_stage_loss_is_bradley_terry_with_margin_and_centring(tmp_path):
   config = pair_config(reward_config, tmp_path)
-  config.reward.update(use_margin=True, center_coef=0.3)
+  config.reward_model.update(use_margin=True, center_coef=0.3)
   model, params = _model_and_params(config)
   data = reward.make_data(config, str(tmp_path))
   batch = {k: jnp.asarray(v) for k, v in next(data.train).items()}
   batch["margin"] = jnp.linspace(0.0, 1.0, batch["margin"].shape[0])
-  (loss, _), (rc, rr) = reward.loss_terms(config, model, params, batch)
+  (loss, _), (rc, rr) = reward.loss_terms(config.reward_model, model, params, batch)
   rc, rr, m = (np.asarray(x, np.float64) for x in (rc, rr, batch["margin"]))
   expected = np.mean(np.log1p(np.exp(-(rc - rr - m))) + 0.3 * (rc + rr) ** 2)
   np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
@@ -97,3 +98,67 @@ def test_reward_model_learns_pairs_and_counts(tmp_path):
   metrics = loop.train(config, str(tmp_path / "run"), reward)
   assert metrics["num_pairs"] == 5       # 10% of 48 pairs held out
   assert metrics["accuracy"] == 1.0 and metrics["loss"] < 0.3
+
+
+def _one_device_mesh():
+  return jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+
+
+def _trained_state(config, tmp_path, mesh):
+  """A reward model one step away from its zero head (so rewards differ), and a batch."""
+  config.reward_model.zero_head = False
+  config.optimizer.update(learning_rate=1e-2, warmup_steps=0)
+  data = reward.make_data(config, str(tmp_path))
+  batches = [dict(next(data.train), valid=np.ones(8, np.int32)) for _ in range(2)]
+  state = reward.init(config, jax.random.key(0), mesh)
+  state, _ = jax.jit(reward.make_step(config))(state, batches[0], jax.random.key(1))
+  return state, batches[1]
+
+
+def test_evaluation_reports_the_training_loss_with_smoothing_margin_and_centring(tmp_path):
+  config = pair_config(reward_config, tmp_path)
+  config.reward_model.update(use_margin=True, label_smoothing=0.2, center_coef=0.3)
+  mesh = _one_device_mesh()
+  with jax.set_mesh(mesh):
+    state, batch = _trained_state(config, tmp_path, mesh)
+    batch["margin"] = np.linspace(0.0, 1.0, 8).astype(np.float32)
+    _, train = jax.jit(reward.make_step(config))(state, batch, jax.random.key(2))
+    evaluated = reward.evaluate(config, state, loop.Data(train=None, eval=lambda: [batch]), mesh,
+                                None)
+  for k in ("loss", "accuracy", "reward_chosen", "reward_rejected", "margin"):
+    np.testing.assert_allclose(evaluated[k], train[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  # Not the plain Bradley-Terry value: smoothing, margin and centring are in it.
+  model = common.make_model(config, reward.HEADS)
+  rc, rr = (np.asarray(r, np.float64) for r in reward.pair_rewards(
+      model, state.params, {k: jnp.asarray(v) for k, v in batch.items()}, "last"))
+  d = rc - rr - batch["margin"]
+  expected = np.mean(0.8 * np.logaddexp(0, -d) + 0.2 * np.logaddexp(0, d)) + 0.3 * np.mean(
+      (rc + rr) ** 2)
+  np.testing.assert_allclose(evaluated["loss"], expected, rtol=1e-5)
+  assert abs(evaluated["loss"] - np.mean(np.logaddexp(0, -(rc - rr)))) > 1e-3
+
+
+def test_gold_agreement_by_hand(tmp_path):
+  config = pair_config(reward_config, tmp_path)
+  config.reward_model.clear_gold_gap = 0.5
+  mesh = _one_device_mesh()
+  with jax.set_mesh(mesh):
+    state, batch = _trained_state(config, tmp_path, mesh)
+    model = common.make_model(config, reward.HEADS)
+    rc, rr = (np.asarray(r) for r in reward.pair_rewards(
+        model, state.params, {k: jnp.asarray(v) for k, v in batch.items()}, "last"))
+    sign = np.sign(rc - rr)
+    assert np.all(sign != 0)
+    # Gold margins that agree with the model's on pairs 0-4 and disagree on 5-6; pair 7
+    # is padding (valid 0), which must not count. Pairs 0, 1, 5 have a clear gap (> 0.5).
+    gap = np.array([2.0, 1.0, 0.1, 0.2, 0.3, 0.9, 0.4, 5.0], np.float32)
+    agrees = np.array([1, 1, 1, 1, 1, -1, -1, -1])
+    batch["rejected_score"] = np.zeros(8, np.float32)
+    batch["chosen_score"] = (sign * agrees * gap).astype(np.float32)
+    batch["valid"] = np.array([1] * 7 + [0], np.int32)
+    metrics = reward.evaluate(config, state, loop.Data(train=None, eval=lambda: [batch]), mesh,
+                              None)
+  assert metrics["num_pairs"] == 7
+  np.testing.assert_allclose(metrics["gold_agreement"], 5 / 7)
+  np.testing.assert_allclose(metrics["gold_agreement_clear"], 2 / 3)
+  np.testing.assert_allclose(metrics["clear_pair_fraction"], 3 / 7)

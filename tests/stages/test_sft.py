@@ -77,6 +77,35 @@ def test_loss_only_on_response_tokens():
   assert np.all(per_position[:-1][target_is_response] > 0)
 
 
+def test_stage_loss_counts_response_tokens_only_in_training_and_evaluation(tmp_path):
+  # The stage, not just the objective: a step's loss is the NumPy NLL of the response
+  # targets (loss_mask), not of every real token (mask), and evaluation reports the same.
+  config = small_config()
+  config.data.data_dir = str(tmp_path / "data")
+  config.optimizer.update(learning_rate=1e-2, warmup_steps=0)
+  mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
+  data = sft.make_data(config, str(tmp_path))
+  batches = [dict(next(data.train), valid=np.ones(8, np.int32)) for _ in range(2)]
+  batch = batches[1]
+  targets = batch["loss_mask"][:, 1:] == 1
+  assert np.sum(batch["mask"][:, 1:]) > np.sum(targets) > 0     # prompts are real, not targets
+  with jax.set_mesh(mesh):
+    state = sft.init(config, jax.random.key(0), mesh)
+    step = jax.jit(sft.make_step(config))
+    state, _ = step(state, batches[0], jax.random.key(1))
+    _, train = step(state, batch, jax.random.key(2))
+    evaluated = sft.evaluate(config, state, loop.Data(train=None, eval=lambda: [batch]), mesh, None)
+  logits = np.asarray(sft.logits_fn(sft.common.make_model(config), state.params,
+                                    {k: jnp.asarray(v) for k, v in batch.items()}), np.float64)
+  logp = logits - logits.max(-1, keepdims=True)
+  logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(logp[:, :-1], batch["tokens"][:, 1:, None], axis=-1)[..., 0]
+  np.testing.assert_allclose(train["loss"], nll[targets].mean(), rtol=1e-5)
+  assert train["num_target_tokens"] == np.sum(targets)
+  np.testing.assert_allclose(evaluated["loss"], train["loss"], rtol=1e-5)
+  np.testing.assert_allclose(evaluated["accuracy"], train["accuracy"], rtol=1e-5)
+
+
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
   full, parted = str(tmp_path / "full"), str(tmp_path / "parted")
   loop.train(small_config(), full, sft)
