@@ -183,6 +183,7 @@ def best_of_n(config, sft_dir: str, reward_dir: str, prompts, rng, sampling: dic
   summary["samples"] = [{"prompt": p, "response": r, "gold": float(g)}
                         for p, r, g in zip(prompts, texts, gold)][:config.evaluation.num_samples]
   summary["proxy_reward"] = float(proxy.reshape(-1)[best].mean())   # of the picked samples
+  summary["proxy_reward_all_samples"] = float(proxy.mean())          # of all n per prompt
   summary["kl_note"] = f"analytic: log {n} - ({n}-1)/{n}"
   return summary
 
