@@ -20,7 +20,7 @@ from absl import flags
 import jax
 
 from experiments import common
-from rlhf_jax.stages import common
+from rlhf_jax.stages import common as stage_common
 from rlhf_jax.testbed import policy as policy_lib
 
 _POLICY = flags.DEFINE_string("policy", None, "Workdir of the policy run.")
@@ -84,7 +84,7 @@ def evaluate(policy_path: str, reference_path: str = "", *, num_prompts: int | N
     prompt_config = policy_lib.read_config(source)
     prompt_len = prompt_config.data.prompt_len
     prompts = policy_lib.heldout_prompts(
-        prompt_config, data_dir or common.data_dir(prompt_config, source), split, num_prompts)
+        prompt_config, data_dir or stage_common.data_dir(prompt_config, source), split, num_prompts)
   _, model, params = policy_lib.load_policy(policy_path)
   reference = None
   if reference_path:

@@ -52,7 +52,8 @@ def test_pipeline_quick_writes_its_table_and_skips_when_rerun(pipeline_dir):
   assert best["kl"] == pytest.approx(math.log(4) - 3 / 4, abs=1e-12)
   assert best["proxy_reward"] > best["proxy_reward_all_samples"]
   table = open(os.path.join(pipeline_dir, "results.md")).read()
-  assert f"| ppo | {results['ppo']['gold_mean']:.3f} ± {results['ppo']['gold_stderr']:.3f} |" in table
+  ppo = results["ppo"]
+  assert f"| ppo | {ppo['gold_mean']:.3f} ± {ppo['gold_stderr']:.3f} |" in table
   with open(os.path.join(pipeline_dir, "reward", "gold_correlation.json")) as f:
     report = json.load(f)
   assert report["samples"] == 64

@@ -23,7 +23,8 @@ def parse_seeds(text: str) -> list[int]:
   try:
     seeds = [int(s) for s in text.split(",") if s.strip()]
   except ValueError:
-    raise ValueError(f"--seeds: expected comma-separated ints such as 0,1,2, got {text!r}") from None
+    raise ValueError(f"--seeds: expected comma-separated ints such as 0,1,2, got {text!r}"
+                     ) from None
   if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
     raise ValueError(f"--seeds: expected distinct ints >= 0 such as 0,1,2, got {text!r}")
   return seeds
@@ -128,7 +129,8 @@ def markdown(summary: dict, order: Optional[Sequence[str]] = None) -> str:
   return "\n".join(lines)
 
 
-def write(root: str, summary: dict, order: Sequence[str] = ("pretrained", "sft", "ppo", "dpo")) -> dict:
+def write(root: str, summary: dict,
+          order: Sequence[str] = ("pretrained", "sft", "ppo", "dpo")) -> dict:
   """Writes root/results_seeds.json and .md; returns the summary."""
   with open(os.path.join(root, "results_seeds.json"), "w") as f:
     json.dump(summary, f, indent=1, sort_keys=True)
