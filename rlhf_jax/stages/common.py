@@ -24,12 +24,6 @@ def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   return config.data.data_dir or os.path.join(workdir, "data")
 
 
-def dummy_inputs(length: int = 8):
-  """(tokens, positions, key_mask) of shape [1, length]: what `model.init` traces."""
-  tokens = jnp.zeros((1, length), jnp.int32)
-  return tokens, tokens, jnp.ones((1, length), jnp.int32)
-
-
 def init_state(config: ml_collections.ConfigDict, model: transformer.Transformer, rng: jax.Array,
                mesh, extras_fn: Callable[[Any], dict] | None = None) -> state_lib.TrainState:
   """A sharded TrainState for `model`, its params optionally from `config.init`.
@@ -41,7 +35,7 @@ def init_state(config: ml_collections.ConfigDict, model: transformer.Transformer
   axis_rules = sharding_lib.rules(config)
 
   def init_fn(r):
-    params = model.init(r, *dummy_inputs())["params"]
+    params = transformer.init_params(model, r)
     extras = extras_fn(params) if extras_fn else {}
     return state_lib.TrainState.create(params=params, tx=tx, extras=extras)
 

@@ -28,11 +28,12 @@ import numpy as np
 
 from rlhf_jax import tokenizers
 from rlhf_jax.data import pipeline
+from rlhf_jax.model import transformer
 from rlhf_jax.objectives import preference
 from rlhf_jax.objectives import sft as sft_objective
+from rlhf_jax.rl import evaluation as rl_evaluation
 from rlhf_jax.stages import common
 from rlhf_jax.stages import reward as reward_stage
-from rlhf_jax.rl import evaluation as rl_evaluation
 from rlhf_jax.train import checkpoint as checkpoint_lib
 from rlhf_jax.train import loop
 from rlhf_jax.train import sharding as sharding_lib
@@ -98,7 +99,7 @@ def reference_logps(config, workdir: str, splits: dict, transform, dataset_dir: 
   model = common.make_model(config)
   # The params `init` starts from (same key), without building an optimizer state.
   params, _ = sharding_lib.init_sharded(
-      lambda r: model.init(r, *common.dummy_inputs())["params"], loop.run_keys(config.seed)[0],
+      lambda r: transformer.init_params(model, r), loop.run_keys(config.seed)[0],
       mesh, sharding_lib.rules(config))
   params = common.load_initial_params(config, params)
   path = os.path.join(workdir, "reference_logps.npz")

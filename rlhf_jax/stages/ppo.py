@@ -42,6 +42,7 @@ from rlhf_jax.data import collate
 from rlhf_jax.data import pipeline
 from rlhf_jax.data import sources
 from rlhf_jax.data import tfds_builders
+from rlhf_jax.model import transformer
 from rlhf_jax.objectives import policy_gradient as pg
 from rlhf_jax.rl import algorithms
 from rlhf_jax.rl import evaluation
@@ -95,12 +96,12 @@ def init(config: ml_collections.ConfigDict, rng: jax.Array, mesh) -> state_lib.T
 
   def init_fn(r):
     r_policy, r_critic, r_reward = jax.random.split(r, 3)
-    params = {"policy": models.policy.init(r_policy, *common.dummy_inputs())["params"]}
+    params = {"policy": transformer.init_params(models.policy, r_policy)}
     if models.critic is not None:
-      params["critic"] = models.critic.init(r_critic, *common.dummy_inputs())["params"]
+      params["critic"] = transformer.init_params(models.critic, r_critic)
     extras = {"kl_coef": jnp.asarray(rl.kl_coef, jnp.float32)}
     if models.reward is not None:
-      extras["reward"] = models.reward.init(r_reward, *common.dummy_inputs())["params"]
+      extras["reward"] = transformer.init_params(models.reward, r_reward)
     return state_lib.TrainState.create(params=params, tx=tx, extras=extras)
 
   state, _ = sharding_lib.init_sharded(init_fn, rng, mesh, sharding_lib.rules(config))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax.objectives import policy_gradient as pg
+from tests.numerics import fd_grad
 
 rng = np.random.default_rng(0)
 MASK = np.array([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], np.int32)
@@ -14,15 +15,6 @@ LOGP = (-rng.uniform(0.1, 3.0, SHAPE)).astype(np.float32)
 OLD = (LOGP + rng.normal(scale=0.3, size=SHAPE)).astype(np.float32)
 REF = (LOGP + rng.normal(scale=0.5, size=SHAPE)).astype(np.float32)
 ADV = rng.normal(size=SHAPE).astype(np.float32)
-
-
-def fd_grad(f, x, eps=1e-6):
-  g = np.zeros_like(x)
-  for i in np.ndindex(x.shape):
-    d = np.zeros_like(x)
-    d[i] = eps
-    g[i] = (float(f(x + d)) - float(f(x - d))) / (2 * eps)
-  return g
 
 
 def test_whiten():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax.objectives import preference
+from tests.numerics import fd_grad
 
 
 def np_log_sigmoid(x):
@@ -151,15 +152,6 @@ def test_dpo_small_beta_limit():
   g_c = jax.grad(lambda a: jnp.sum(preference.dpo_loss(a, PR, RC, RR, beta=beta)))(PC)
   h = (PC.astype(np.float64) - RC) - (PR - RR)
   np.testing.assert_allclose(g_c, -beta / (1 + np.exp(beta * h)), rtol=1e-5)
-
-
-def fd_grad(f, x, eps=1e-6):
-  g = np.zeros_like(x)
-  for i in range(x.size):
-    d = np.zeros_like(x)
-    d[i] = eps
-    g[i] = (float(f(x + d)) - float(f(x - d))) / (2 * eps)
-  return g
 
 
 @pytest.mark.parametrize('kind', PAIRED)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.objectives import sft
+from tests.numerics import fd_grad
 
 
 def np_log_softmax(x):
@@ -25,16 +26,6 @@ def make_batch(seed=0, batch=3, seq=6, vocab=7):
   tokens = rng.integers(0, vocab, size=(batch, seq)).astype(np.int32)
   loss_mask = np.array([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 0, 0]], np.int32)
   return logits, tokens, loss_mask[:batch, :seq]
-
-
-def fd_grad(f, x, eps=1e-6):
-  """Central finite differences of scalar f at float64 x."""
-  g = np.zeros_like(x)
-  for i in np.ndindex(x.shape):
-    d = np.zeros_like(x)
-    d[i] = eps
-    g[i] = (float(f(x + d)) - float(f(x - d))) / (2 * eps)
-  return g
 
 
 def test_token_logprobs_matches_numpy():
