@@ -3,7 +3,7 @@
 `check(config, mesh)` runs before any data or model work and raises one ConfigError
 that names every bad field, its value and what is valid, instead of a
 ZeroDivisionError, an IndivisibleError or a NaN loss many steps (or a whole run) later.
-A stage's own fields (config.dpo.beta, say) are the stage's to check.
+A stage's own fields (config.preference.beta, say) are the stage's to check.
 """
 
 import math
