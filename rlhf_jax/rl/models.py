@@ -66,7 +66,7 @@ def reward_model_config(
     raise ValueError(f"{path}: the reward model was trained with tokenizer {saved_tok}, the "
                      f"policy uses config.tokenizer={ours}; they must be the same")
   pooling = reward_lib.pooling_of(saved)
-  reward_lib.check_pooling(pooling, f"{path}: reward_model.pooling")
+  reward_lib.check_pooling(pooling, f"{path}: reward.pooling")
   try:
     return transformer.TransformerConfig.from_dict(saved["model"]), pooling
   except ValueError as e:
