@@ -23,5 +23,7 @@ def get_config():
   c.reward_model.use_margin = False       # subtract each pair's `margin` inside the sigmoid (Llama 2)
   c.reward_model.label_smoothing = 0.0    # eps: -(1-eps) log s(d) - eps log s(-d)
   c.reward_model.center_coef = 0.0        # lambda * (r_c + r_r)^2 keeps rewards centred at 0
+  c.reward_model.soft_targets = False     # RLAIF soft labels: target P(chosen > rejected) =
+                                          # sigmoid(margin), the AI judge's log-odds
   c.reward_model.clear_gold_gap = 0.1     # testbed: pairs whose gold scores differ by more than this
   return c

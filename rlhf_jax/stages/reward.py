@@ -129,7 +129,11 @@ def make_preference_data(config: ml_collections.ConfigDict, workdir: str,
 
 
 def make_data(config, workdir):
-  return make_preference_data(config, workdir)
+  def splits_fn(config, workdir):
+    splits = preference_splits(config, workdir)
+    check_soft_targets(config, splits[-1])
+    return splits
+  return make_preference_data(config, workdir, splits_fn)
 
 
 def init(config, rng, mesh):
@@ -144,14 +148,34 @@ def init(config, rng, mesh):
 
 def loss_terms(rm, model, params, batch, weights=None):
   """((loss, metrics), (r_chosen, r_rejected) [batch]): the Bradley-Terry loss of the
-  `config.reward_model` section `rm` (pooling, margin, label smoothing, centring) on one
-  batch of pairs; `weights` `[batch]` (an eval batch's `valid`) drop rows. The train step
-  and evaluation both call this."""
+  `config.reward_model` section `rm` (pooling, margin, label smoothing, centring, soft
+  targets) on one batch of pairs; `weights` `[batch]` (an eval batch's `valid`) drop rows.
+  The train step and evaluation both call this."""
   r_chosen, r_rejected = pair_rewards(model, params, batch, rm.pooling)
+  if rm.soft_targets:   # `margin` holds the AI judge's log-odds (check_soft_targets)
+    return bradley_terry.soft_bradley_terry_loss(
+        r_chosen, r_rejected, jax.nn.sigmoid(batch["margin"]), center_coef=rm.center_coef,
+        weights=weights), (r_chosen, r_rejected)
   return bradley_terry.bradley_terry_loss(
       r_chosen, r_rejected, margin=batch["margin"] if rm.use_margin else None,
       label_smoothing=rm.label_smoothing, center_coef=rm.center_coef,
       weights=weights), (r_chosen, r_rejected)
+
+
+def check_soft_targets(config: ml_collections.ConfigDict, dataset_dir: str) -> None:
+  """Soft targets read the pairs' `margin` as log-odds: only an AI-labelled dataset (or a
+  file the user filled with log-odds) has them, and they replace margin and smoothing."""
+  rm = config.reward_model
+  if not rm.soft_targets:
+    return
+  if rm.use_margin or rm.label_smoothing:
+    raise ValueError("config.reward_model.soft_targets: the targets replace use_margin and "
+                     "label_smoothing; turn those off")
+  kind = tfds_builders.read_metadata(dataset_dir).get("margin")
+  if config.data.source == "dataset" and kind != "judge_log_odds":
+    raise ValueError(f"config.reward_model.soft_targets: {dataset_dir} has no judge log-odds "
+                     f"in its margin column (metadata margin={kind!r}); label it with "
+                     "experiments.label_preferences --labeler=ai")
 
 
 def make_step(config):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from configs import reward as reward_config
+from rlhf_jax.data import sources
 from rlhf_jax.stages import common
 from rlhf_jax.stages import reward
 from rlhf_jax.train import loop
@@ -90,6 +91,34 @@ def test_stage_loss_is_bradley_terry_with_margin_and_centring(tmp_path):
   rc, rr, m = (np.asarray(x, np.float64) for x in (rc, rr, batch["margin"]))
   expected = np.mean(np.log1p(np.exp(-(rc - rr - m))) + 0.3 * (rc + rr) ** 2)
   np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+
+def test_soft_targets_are_the_judges_probabilities(tmp_path):
+  """RLAIF soft labels: -[p log s(d) + (1 - p) log s(-d)], p = sigmoid(margin) (the log-odds)."""
+  config = pair_config(reward_config, tmp_path)
+  config.reward_model.update(soft_targets=True, center_coef=0.3)
+  model, params = _model_and_params(config)
+  data = reward.make_data(config, str(tmp_path))
+  batch = {k: jnp.asarray(v) for k, v in next(data.train).items()}
+  batch["margin"] = jnp.linspace(-2.0, 3.0, batch["margin"].shape[0])
+  (loss, _), (rc, rr) = reward.loss_terms(config.reward_model, model, params, batch)
+  rc, rr, m = (np.asarray(x, np.float64) for x in (rc, rr, batch["margin"]))
+  p, d = 1 / (1 + np.exp(-m)), rc - rr
+  expected = np.mean(p * np.log1p(np.exp(-d)) + (1 - p) * np.log1p(np.exp(d))
+                     + 0.3 * (rc + rr) ** 2)
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+
+def test_soft_targets_need_log_odds_and_no_margin_or_smoothing(tmp_path):
+  config = pair_config(reward_config, tmp_path)
+  config.reward_model.update(soft_targets=True, label_smoothing=0.1)
+  with pytest.raises(ValueError, match="config.reward_model.soft_targets: .*label_smoothing"):
+    reward.make_data(config, str(tmp_path))
+  dataset_dir, _ = sources.preferences(config.data, str(tmp_path / "data"))   # simulated-like:
+  config.reward_model.label_smoothing = 0.0                               # margins, no log-odds
+  config.data.update(source="dataset", dataset_dir=dataset_dir)
+  with pytest.raises(ValueError, match="no judge log-odds"):
+    reward.make_data(config, str(tmp_path))
 
 
 def test_reward_model_learns_pairs_and_counts(tmp_path):
