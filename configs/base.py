@@ -81,7 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.eps = 1e-8
   c.optimizer.weight_decay = 0.0
   c.optimizer.grad_clip_norm = 1.0   # global-norm clipping; 0 disables
-  c.optimizer.grad_accum_steps = 1   # micro-batches per update (optax.MultiSteps)
+  c.optimizer.grad_accum_steps = 1   # micro-batches per update (summed in a lax.scan: train/step.gradients)
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 200
