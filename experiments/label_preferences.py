@@ -32,25 +32,14 @@ sigmoid(margin) = P(chosen > rejected), the soft Bradley-Terry target
 files holds every pair's single-order probabilities. See rlhf_jax/feedback/judge.py.
 """
 
-import hashlib
-import json
 import os
 import sys
-import time
 
 from absl import app
 from absl import flags
-import jax
-import numpy as np
 
 from experiments import common
-from rlhf_jax.feedback import constitution as constitution_lib
-from rlhf_jax.feedback import judge as judge_lib
-from rlhf_jax.feedback import models
 from rlhf_jax.testbed import labelling
-from rlhf_jax.testbed import policy as policy_lib
-from rlhf_jax.testbed.labelling import label
-from rlhf_jax.train import checkpoint as checkpoint_lib
 
 DEFAULT_CONSTITUTION = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                     "configs", "constitutions", "sentiment_reviews.json")
@@ -112,125 +101,8 @@ _AI_ONLY = ("judge", "principles", "prompt_format", "chat_template", "judge_batc
             "judge_bucket", "judge_max_len")
 
 
-def _digest(value) -> str:
-  return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _check_ai_args(k, seed, num_prompts, num_test_prompts, split, out_dir, judge, batch, bucket):
-  if not judge:
-    raise ValueError("--labeler=ai needs --judge (an rlhf_jax run's workdir or a Hugging "
-                     "Face directory)")
-  if not isinstance(k, int) or k < 2:
-    raise ValueError(f"--k must be an int >= 2 (pairs need two responses), got {k!r}")
-  if seed < 0:
-    raise ValueError(f"--seed must be >= 0, got {seed}")
-  if num_prompts < 1 or num_test_prompts < 1:
-    raise ValueError(f"--num_prompts ({num_prompts}) and --num_test_prompts "
-                     f"({num_test_prompts}) must be >= 1")
-  if split not in ("train", "test"):
-    raise ValueError(f"--split must be 'train' or 'test', got {split!r}")
-  if batch < 1 or bucket < 1:
-    raise ValueError(f"--judge_batch_size ({batch}) and --judge_bucket ({bucket}) must be >= 1")
-  if os.path.isfile(os.path.join(out_dir, "metadata.json")):
-    raise ValueError(f"--out={out_dir!r} is a prepared dataset; pass a directory to hold "
-                     "datasets (written to <out>/preference/<name>/1.0.0)")
-
-
-def label_ai(policy_path: str, out_dir: str, judge_path: str, constitution_path: str, *,
-             k: int = 4, num_prompts: int = 1000, num_test_prompts: int = 200, seed: int = 0,
-             pairs_per_prompt="all", split: str = "train", principles: str = "sample",
-             prompt_format: str = "auto", chat_template: str = "", judge_batch_size: int = 16,
-             judge_bucket: int = 32, judge_max_len: int | None = None,
-             max_new_tokens: int | None = None, sample_temperature: float | None = None,
-             top_k: int | None = None, top_p: float | None = None,
-             batch_size: int | None = None, data_dir: str = "", score_fn=None,
-             verbose: bool = False) -> str:
-  """Samples like `labelling.label` (same seed: same responses), labels the pairs with the
-  judge; returns the preference dataset's directory. Errors are raised before sampling."""
-  score_fn = score_fn or policy_lib.gold_scores
-  pairs = labelling.parse_pairs_per_prompt(pairs_per_prompt)
-  _check_ai_args(k, seed, num_prompts, num_test_prompts, split, out_dir, judge_path,
-                 judge_batch_size, judge_bucket)
-  if isinstance(pairs, int) and pairs > k * (k - 1) // 2:
-    raise ValueError(f"--pairs_per_prompt={pairs} exceeds the k(k-1)/2={k * (k - 1) // 2} "
-                     f"pairs of k={k} responses")
-  constitution = constitution_lib.load(constitution_path)
-  constitution_lib.choose_principles(constitution, 0, principles, 0)    # checks the name
-  config = policy_lib.read_config(policy_path)
-  checkpoint_lib.checkpoint_dir(policy_path)
-  judge = models.load(judge_path, chat_template_file=chat_template, max_len=judge_max_len)
-  fmt = constitution_lib.make_format(constitution, prompt_format, judge.chat_template,
-                                     judge.special_tokens)
-  judge_lib.option_token_ids(judge, constitution.options, f"{constitution.path}: field options")
-
-  _, model, params = policy_lib.load_policy(policy_path)
-  tokenizer = policy_lib.make_tokenizer(config)
-  defaults = policy_lib.sampling_options(config)
-  defaults["batch_size"] = defaults.pop("eval_batch_size")
-  given = dict(max_new_tokens=max_new_tokens, temperature=sample_temperature, top_k=top_k,
-               top_p=top_p, batch_size=batch_size)
-  sample = {key: defaults[key] if value is None else value for key, value in given.items()}
-  sample["prompt_len"] = config.data.prompt_len
-  data_dir = data_dir or config.data.data_dir or os.path.join(policy_path, "data")
-  _, step = checkpoint_lib.checkpoint_dir(policy_path)
-  test_start = num_prompts if split == "test" else 0
-  prompt_sets = {
-      "train": policy_lib.heldout_prompts(config, data_dir, split, num_prompts),
-      "test": policy_lib.heldout_prompts(config, data_dir, "test", num_test_prompts,
-                                         start=test_start),
-  }
-  root = jax.random.key(seed)
-  records, rows, stats = {}, {}, {}
-  for index, name in enumerate(("train", "test")):
-    prompts = prompt_sets[name]
-    repeated = [p for p in prompts for _ in range(k)]
-    out = policy_lib.generate(model, params, repeated, tokenizer,
-                              jax.random.fold_in(root, index), **sample)
-    scores = np.asarray(score_fn(repeated, out["texts"]), np.float64).reshape(len(prompts), k)
-    responses = [out["texts"][i * k:(i + 1) * k] for i in range(len(prompts))]
-    start = time.monotonic()
-    records[name], rows[name], split_stats = judge_lib.label_responses(
-        judge, constitution, fmt, prompts, responses, scores=scores, pairs_per_prompt=pairs,
-        principles=principles, seed=2 * seed + index, batch_size=judge_batch_size,
-        bucket=judge_bucket, progress_every_s=10.0 if verbose else None)
-    if not records[name]:
-      raise ValueError(f"{name} split: every one of {split_stats['pairs']} pairs is a tie")
-    stats.update({f"{name}_{key}": v for key, v in split_stats.items()})
-    stats[f"{name}_prompts"] = len(prompts)
-    if verbose:
-      s = split_stats
-      rate = s["pairs"] / max(time.monotonic() - start, 1e-9)
-      print(f"{name}: {len(prompts)} prompts x {k} responses, {s['pairs']} pairs judged "
-            f"({rate:.1f} pairs/s), {s['labelled']} labelled, agreement with gold "
-            f"{s['agreement_rate']:.3f} (on {s['gold_decided']} pairs whose gold differs); "
-            f"position bias before {s['position_bias_before']:+.3f} "
-            f"(first shown wins {s['first_wins_rate']:.1%}, order consistency "
-            f"{s['order_consistency']:.1%}), after {s['position_bias_after']:.1e} "
-            f"(pair's first chosen {s['first_chosen_rate']:.1%})")
-      for principle, agreement in s.get("principle_agreement", {}).items():
-        print(f"  {principle}: agreement with gold {agreement['agreement_rate']:.3f} on "
-              f"{agreement['pairs']} pairs")
-
-  settings = {
-      "policy": os.path.abspath(policy_path), "checkpoint_step": step,
-      "labeller": {"k": k, "pairs_per_prompt": pairs, "seed": seed, "principles": principles,
-                   "prompt_format": fmt.kind, "chat_template": _digest(fmt.chat_template),
-                   "judge": judge.source, "judge_kind": judge.kind,
-                   "constitution": constitution.describe()},
-      "prompts": {"split": split, "num_prompts": num_prompts,
-                  "num_test_prompts": num_test_prompts, "test_start": test_start},
-      "sampling": sample,
-      "gold": f"{score_fn.__module__}.{score_fn.__qualname__}",
-  }
-  if judge.kind == "run":
-    settings["labeller"]["judge_checkpoint_step"] = checkpoint_lib.checkpoint_dir(judge_path)[1]
-  return judge_lib.write_dataset(out_dir, f"ai-{_digest(settings)}", records, rows,
-                                 dict(settings, source="ai", stats=stats), with_scores=True)
-
-
-
 def _label_ai():
-  return label_ai(
+  return labelling.label_ai(
       _POLICY.value, _OUT.value, _JUDGE.value, _CONSTITUTION.value, k=_K.value,
       num_prompts=_NUM_PROMPTS.value, num_test_prompts=_NUM_TEST_PROMPTS.value,
       seed=_SEED.value, pairs_per_prompt=_PAIRS.value, split=_SPLIT.value,
@@ -258,7 +130,7 @@ def main(argv):
     if _LABELER.value == "ai":
       dataset_dir = _label_ai()
     else:
-      dataset_dir = label(
+      dataset_dir = labelling.label(
           _POLICY.value, _OUT.value, k=_K.value, temperature=_TEMPERATURE.value,
           flip_rate=_FLIP_RATE.value, num_prompts=_NUM_PROMPTS.value,
           num_test_prompts=_NUM_TEST_PROMPTS.value, seed=_SEED.value,

@@ -280,7 +280,7 @@ def prompt_batches(prompts: dict, batch_size: int, process_index: int, process_c
 
 
 def sampled_metrics(config, state, data, mesh, rng) -> dict:
-  """`rollout.sampled_policy_metrics` on distinct held-out prompts (one sample each, so
+  """`rl.evaluation.sampled_policy_metrics` on distinct held-out prompts (one sample each, so
   its standard errors are over prompts), keys prefixed 'sampled/'."""
   model = common.make_model(config)
   tokenizer = tokenizers.make_tokenizer(config.tokenizer)
@@ -289,7 +289,8 @@ def sampled_metrics(config, state, data, mesh, rng) -> dict:
   batches = prompt_batches(prompts, sc.eval_batch_size, jax.process_index(), jax.process_count())
   summary = rl_evaluation.sampled_policy_metrics(
       model, state.params, model, state.extras["reference"], batches, mesh, rng,
-      tokenizer=tokenizer, max_new_tokens=sc.max_new_tokens, num_texts=sc.eval_texts)
+      tokenizer=tokenizer, max_new_tokens=sc.max_new_tokens, num_texts=sc.eval_texts,
+      gold_reward=sc.gold_reward)
   return {f"sampled/{k}": v for k, v in summary.items()}
 
 

@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import label_preferences
 from rlhf_jax.data import tfds_builders
 from rlhf_jax.feedback import judge as judge_lib
 from rlhf_jax.testbed import labelling
@@ -34,7 +33,7 @@ def runs(tmp_path_factory):
 
 def test_ai_labels_the_simulated_labellers_pairs(runs, tmp_path):
   policy, judge = runs
-  ai_dir = label_preferences.label_ai(policy, str(tmp_path / "ai"), judge, DEFAULT,
+  ai_dir = labelling.label_ai(policy, str(tmp_path / "ai"), judge, DEFAULT,
                                       principles="all", judge_batch_size=8, judge_bucket=64,
                                       **ARGS)
   sim_dir = labelling.label(policy, str(tmp_path / "sim"), temperature=0.0, **ARGS)
@@ -64,7 +63,7 @@ def test_ai_labels_the_simulated_labellers_pairs(runs, tmp_path):
       np.testing.assert_allclose(
           sorted([row["chosen_score"], row["rejected_score"]]),
           sorted(hash_scores([row["prompt"]] * 2, [j["response_a"], j["response_b"]])), atol=1e-6)
-  again = label_preferences.label_ai(policy, str(tmp_path / "ai"), judge, DEFAULT,
+  again = labelling.label_ai(policy, str(tmp_path / "ai"), judge, DEFAULT,
                                      principles="all", judge_batch_size=8, judge_bucket=64,
                                      **ARGS)
   assert again == ai_dir                                       # idempotent: same name
