@@ -1,6 +1,8 @@
 """Entry points refuse to damage a run and name what they could not find."""
 
 import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -9,13 +11,13 @@ import pytest
 
 from configs import example
 from experiments import convert
-from experiments import evaluate_policy
 from rlhf_jax.interop import hf
 from rlhf_jax.interop import hf_config
 from rlhf_jax.model import transformer
 from rlhf_jax.stages import example as example_stage
 from rlhf_jax.train import loop
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_GPT2 = dict(model_type="gpt2", vocab_size=64, n_embd=32, n_layer=1, n_head=2,
                  n_positions=32, activation_function="gelu_new", tie_word_embeddings=True)
 
@@ -59,8 +61,13 @@ def test_convert_refuses_to_import_into_an_existing_run(trained_run, hf_dir, tmp
 
 
 def test_evaluate_policy_names_the_missing_reference(trained_run, tmp_path):
+  # A subprocess, as a user runs it: entry points define absl flags at import, so two of
+  # them (e.g. plot_curves' and evaluate_policy's --out) cannot share a test process.
   missing = str(tmp_path / "no_such_run")
-  with pytest.raises(FileNotFoundError, match=f"--reference='{missing}': no such run"):
-    evaluate_policy.evaluate(trained_run, missing)
-  with pytest.raises(FileNotFoundError, match=f"--policy='{missing}': no such run"):
-    evaluate_policy.evaluate(missing, trained_run)
+  for policy, reference, named in ((trained_run, missing, "reference"),
+                                   (missing, trained_run, "policy")):
+    run = subprocess.run([sys.executable, "-m", "experiments.evaluate_policy",
+                          f"--policy={policy}", f"--reference={reference}"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 1, run.stderr
+    assert f"--{named}='{missing}': no such run" in run.stderr, run.stderr
