@@ -80,33 +80,32 @@ def test_zero_head_starts_every_reward_at_zero_and_bad_pooling_is_named(tmp_path
     reward.init(config, jax.random.key(0), mesh)
 
 
-def test_stage_loss_is_bradley_terry_with_margin_and_centring(tmp_path):
+def _stage_loss(tmp_path, margins, **reward_model):
+  """The stage's loss on its first train batch with `margin` = linspace(*margins), and
+  (r_chosen, r_rejected, margin) as float64."""
   config = pair_config(reward_config, tmp_path)
-  config.reward_model.update(use_margin=True, center_coef=0.3)
+  config.reward_model.update(**reward_model)
   model, params = _model_and_params(config)
   data = reward.make_data(config, str(tmp_path))
   batch = {k: jnp.asarray(v) for k, v in next(data.train).items()}
-  batch["margin"] = jnp.linspace(0.0, 1.0, batch["margin"].shape[0])
+  batch["margin"] = jnp.linspace(*margins, batch["margin"].shape[0])
   (loss, _), (rc, rr) = reward.loss_terms(config.reward_model, model, params, batch)
-  rc, rr, m = (np.asarray(x, np.float64) for x in (rc, rr, batch["margin"]))
+  return float(loss), tuple(np.asarray(x, np.float64) for x in (rc, rr, batch["margin"]))
+
+
+def test_stage_loss_is_bradley_terry_with_margin_and_centring(tmp_path):
+  loss, (rc, rr, m) = _stage_loss(tmp_path, (0.0, 1.0), use_margin=True, center_coef=0.3)
   expected = np.mean(np.log1p(np.exp(-(rc - rr - m))) + 0.3 * (rc + rr) ** 2)
-  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
 
 
 def test_soft_targets_are_the_judges_probabilities(tmp_path):
   """RLAIF soft labels: -[p log s(d) + (1 - p) log s(-d)], p = sigmoid(margin) (the log-odds)."""
-  config = pair_config(reward_config, tmp_path)
-  config.reward_model.update(soft_targets=True, center_coef=0.3)
-  model, params = _model_and_params(config)
-  data = reward.make_data(config, str(tmp_path))
-  batch = {k: jnp.asarray(v) for k, v in next(data.train).items()}
-  batch["margin"] = jnp.linspace(-2.0, 3.0, batch["margin"].shape[0])
-  (loss, _), (rc, rr) = reward.loss_terms(config.reward_model, model, params, batch)
-  rc, rr, m = (np.asarray(x, np.float64) for x in (rc, rr, batch["margin"]))
+  loss, (rc, rr, m) = _stage_loss(tmp_path, (-2.0, 3.0), soft_targets=True, center_coef=0.3)
   p, d = 1 / (1 + np.exp(-m)), rc - rr
   expected = np.mean(p * np.log1p(np.exp(-d)) + (1 - p) * np.log1p(np.exp(d))
                      + 0.3 * (rc + rr) ** 2)
-  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
 
 
 def test_soft_targets_need_log_odds_and_no_margin_or_smoothing(tmp_path):
