@@ -79,8 +79,8 @@ def test_registry_is_the_one_source_of_names_inputs_and_hyper_parameters():
   with pytest.raises(ValueError, match=r"config.preference.loss: unknown preference loss 'dpo'; "
                                        r"known: hinge, ipo, ipo_length_normalised, kto"):
     preference.LOSSES.get('dpo')
-  with pytest.raises(ValueError, match=r"^config.ppo.dpo_loss: unknown"):
-    preference.preference_loss('dpo', PC, PR, RC, RR, field='config.ppo.dpo_loss')
+  with pytest.raises(ValueError, match=r"^config.rl.dpo_loss: unknown"):
+    preference.preference_loss('dpo', PC, PR, RC, RR, field='config.rl.dpo_loss')
 
 
 def test_length_normalised_ipo_equals_ipo_on_per_token_log_probs():
