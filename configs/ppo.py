@@ -25,6 +25,14 @@ def rl_config() -> ml_collections.ConfigDict:
                                 # reward_checkpoint; or a registered text reward ("gold": the
                                 # testbed's VADER, registered by rlhf_jax.testbed)
   p.reward_checkpoint = ""      # reward-stage workdir; its config.json gives the RM's architecture
+  # reward = "judge" (direct RLAIF, rlhf_jax/feedback/direct.py): the judge's yes/no log-odds
+  # about each response is the reward, no reward model in between.
+  p.judge = ""                  # the judge: an rlhf_jax run's workdir or a Hugging Face model dir
+  p.judge_constitution = ""     # constitution file with templates.verdict, verdict_options and
+                                # principles[i].verdict_question
+  p.judge_principles = "all"    # "all" (log-odds averaged over the principles) or one's name
+  p.judge_prompt_format = "auto"   # "plain", "chat" (the judge's chat template) or "auto"
+  p.judge_batch_size = 16       # judge rows (response x principle) per forward pass
   p.critic = "separate"         # "separate": scalar-head model initialised from the RM
                                 # (InstructGPT; from the policy's checkpoint when there is no RM);
                                 # "shared": a value head on the policy's trunk

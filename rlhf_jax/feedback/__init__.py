@@ -9,6 +9,8 @@
                 the two option labels, both orders averaged (position bias reported);
                 writes the preference dataset format with the log-odds as `margin`
   revision      critique and revision (SL-CAI): (prompt, revision) demonstrations
+  direct        direct RLAIF (d-RLAIF): the judge's yes/no log-odds about one response as
+                the RL reward itself, reward "judge" (`config.rl.reward = "judge"`)
 
 Entry points: `experiments.label_preferences --labeler=ai` and
 `experiments.critique_revise`. The simulated annotators stay in the testbed

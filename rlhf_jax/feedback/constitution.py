@@ -3,9 +3,13 @@
 A constitution file (JSON, or YAML when PyYAML is installed) holds:
 
   name, version         what the file is (recorded with every dataset made from it)
-  principles            [{name, critique_request, revision_request, comparison_question}]
+  principles            [{name, critique_request, revision_request, comparison_question,
+                        verdict_question}]; verdict_question is optional, but every
+                        principle needs one when there is a verdict template
   options               the two answer labels of a comparison, e.g. ["A", "B"]; each
                         must be one token of the judge's tokenizer
+  verdict_options       the two answer labels of a verdict, meaning [yes, no], e.g.
+                        ["Y", "N"]; one token each; required with a verdict template
   templates             one per task, each {user, answer}: `user` is the request (a user
                         turn), `answer` the start of the model's reply (it may hold
                         {prompt}), after which the model writes (a critique, a revision)
@@ -14,6 +18,10 @@ A constitution file (JSON, or YAML when PyYAML is installed) holds:
     critique            {prompt} {response} {critique_request}
     revision            {prompt} {response} {critique_request} {critique} {revision_request}
     comparison          {prompt} {response_a} {response_b} {question}
+    verdict             optional: {prompt} {response} {question} ({response} and
+                        {question} required): the judge answers yes/no about one
+                        response, its log-odds the reward of direct RLAIF
+                        (`feedback/direct.py`)
   formats               how a (user, answer) turn becomes text:
     plain               {preamble}: text = preamble + user + answer, after a BOS token
     chat                {system}: the model's chat template renders [system, user] with
@@ -35,6 +43,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 PRINCIPLE_FIELDS = ("name", "critique_request", "revision_request", "comparison_question")
+OPTIONAL_PRINCIPLE_FIELDS = ("verdict_question",)
 TEMPLATE_FIELDS = ("user", "answer")
 # task -> (required placeholders, allowed placeholders)
 TASKS = {
@@ -44,9 +53,12 @@ TASKS = {
                  {"prompt", "response", "critique_request", "critique", "revision_request"}),
     "comparison": ({"response_a", "response_b", "question"},
                    {"prompt", "response_a", "response_b", "question"}),
+    "verdict": ({"response", "question"}, {"prompt", "response", "question"}),
 }
+OPTIONAL_TASKS = ("verdict",)   # a file may leave these templates out
 FORMATS = {"plain": ("preamble",), "chat": ("system",)}
-TOP_LEVEL = ("name", "version", "principles", "options", "templates", "formats")
+TOP_LEVEL = ("name", "version", "principles", "options", "verdict_options", "templates",
+             "formats")
 # How principles are chosen for a pair or a prompt: one drawn per item with a seed, all
 # of them (the judge's probabilities averaged), or one named principle.
 PRINCIPLE_MODES = ("sample", "all")
@@ -62,6 +74,7 @@ class Principle:
   critique_request: str
   revision_request: str
   comparison_question: str
+  verdict_question: str = ""    # '' when the file has no verdict template
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,10 +89,16 @@ class Constitution:
   version: str
   principles: tuple[Principle, ...]
   options: tuple[str, str]
-  templates: Mapping[str, Template]     # keys: TASKS
+  templates: Mapping[str, Template]     # keys: TASKS (those of OPTIONAL_TASKS when present)
   formats: Mapping[str, Mapping[str, str]]
   path: str = ""
   digest: str = ""                      # sha256 of the file's bytes, first 12 hex digits
+  verdict_options: tuple[str, str] | None = None   # [yes, no]; None when the file has none
+
+  @property
+  def has_verdict(self) -> bool:
+    """Whether the file has a verdict template (then every principle has a question)."""
+    return "verdict" in self.templates
 
   def principle(self, name: str) -> Principle:
     for p in self.principles:
@@ -163,10 +182,17 @@ def _parse(path: str, text: str) -> Any:
                             f"{e.msg}") from None
 
 
+def _two_labels(path: str, field: str, value: Any) -> tuple[str, str]:
+  if (not isinstance(value, list) or len(value) != 2
+      or not all(isinstance(o, str) and o for o in value) or value[0] == value[1]):
+    _fail(path, field, f"expected two different non-empty strings, got {value!r}")
+  return value[0], value[1]
+
+
 def from_dict(data: Any, path: str = "<constitution>", digest: str = "") -> Constitution:
   """Validates a parsed constitution; `path` names it in errors."""
   top = _check_keys(path, "", data, ("name", "principles", "templates"),
-                    ("version", "options", "formats"))
+                    ("version", "options", "verdict_options", "formats"))
   name = _string(path, "name", top["name"])
   version = top.get("version", "1")
   if isinstance(version, bool) or not isinstance(version, (str, int)):
@@ -178,21 +204,23 @@ def from_dict(data: Any, path: str = "<constitution>", digest: str = "") -> Cons
   principles, seen = [], set()
   for i, value in enumerate(principles_value):
     field = f"principles[{i}]"
-    fields = _check_keys(path, field, value, PRINCIPLE_FIELDS)
-    texts = {k: _string(path, f"{field}.{k}", fields[k]) for k in PRINCIPLE_FIELDS}
+    fields = _check_keys(path, field, value, PRINCIPLE_FIELDS, OPTIONAL_PRINCIPLE_FIELDS)
+    texts = {k: _string(path, f"{field}.{k}", fields[k])
+             for k in PRINCIPLE_FIELDS + OPTIONAL_PRINCIPLE_FIELDS if k in fields}
     if texts["name"] in seen:
       _fail(path, f"{field}.name", f"{texts['name']!r} names an earlier principle too")
     seen.add(texts["name"])
     principles.append(Principle(**texts))
 
-  options = top.get("options", ["A", "B"])
-  if (not isinstance(options, list) or len(options) != 2
-      or not all(isinstance(o, str) and o for o in options) or options[0] == options[1]):
-    _fail(path, "options", f"expected two different non-empty strings, got {options!r}")
+  options = _two_labels(path, "options", top.get("options", ["A", "B"]))
 
-  templates_value = _check_keys(path, "templates", top["templates"], tuple(TASKS))
+  templates_value = _check_keys(path, "templates", top["templates"],
+                                tuple(t for t in TASKS if t not in OPTIONAL_TASKS),
+                                OPTIONAL_TASKS)
   templates = {}
   for task, (required, allowed) in TASKS.items():
+    if task not in templates_value:
+      continue
     field = f"templates.{task}"
     fields = _check_keys(path, field, templates_value[task], ("user",), ("answer",))
     user = _string(path, f"{field}.user", fields["user"])
@@ -211,6 +239,18 @@ def from_dict(data: Any, path: str = "<constitution>", digest: str = "") -> Cons
             f"{', '.join('{%s}' % n for n in sorted(required - found))}")
     templates[task] = Template(user=user, answer=answer)
 
+  verdict_options = None
+  if "verdict" in templates:
+    for i, principle in enumerate(principles):
+      if not principle.verdict_question:
+        _fail(path, f"principles[{i}].verdict_question",
+              "missing (every principle needs one: the file has a templates.verdict)")
+    if "verdict_options" not in top:
+      _fail(path, "verdict_options", 'missing (templates.verdict needs the two answer labels '
+            '[yes, no], e.g. ["Y", "N"])')
+  if "verdict_options" in top:
+    verdict_options = _two_labels(path, "verdict_options", top["verdict_options"])
+
   formats_value = _check_keys(path, "formats", top.get("formats", {}), (), tuple(FORMATS))
   formats = {}
   for fmt, keys in FORMATS.items():
@@ -218,8 +258,8 @@ def from_dict(data: Any, path: str = "<constitution>", digest: str = "") -> Cons
     formats[fmt] = {k: _string(path, f"formats.{fmt}.{k}", fields.get(k, ""), allow_empty=True)
                     for k in keys}
   return Constitution(name=name, version=str(version), principles=tuple(principles),
-                      options=(options[0], options[1]), templates=templates, formats=formats,
-                      path=path, digest=digest)
+                      options=options, templates=templates, formats=formats,
+                      path=path, digest=digest, verdict_options=verdict_options)
 
 
 def load(path: str) -> Constitution:

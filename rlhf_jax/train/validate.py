@@ -81,6 +81,10 @@ def problems(config: ml_collections.ConfigDict, mesh: Mesh) -> list[str]:
       and seq_len > model.get("max_len", seq_len):
     out.append(f"config.data.seq_len={seq_len} exceeds config.model.max_len={model.max_len}, "
                "the rows of the learned position table (model.position='learned')")
+  # Direct RLAIF's judge and constitution (feedback/direct.py), before the models load.
+  if config.get("stage") in ROLLOUT_STAGES and _get(config, "rl.reward") == "judge":
+    from rlhf_jax.feedback import direct  # pylint: disable=g-import-not-at-top  (no cycle)
+    out.extend(direct.config_problems(config))
   return out
 
 
