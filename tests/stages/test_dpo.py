@@ -18,6 +18,7 @@ from rlhf_jax.stages import dpo
 from rlhf_jax.stages import reward as reward_stage
 from rlhf_jax.train import loop
 from rlhf_jax.train import checkpoint as checkpoint_lib
+from rlhf_jax.train import sharding as sharding_lib
 from tests.stages.pairs import pair_config
 
 
@@ -148,14 +149,62 @@ LOSS_AT_STEP_1 = {"sigmoid": np.log(2), "robust": np.log(2), "ipo": 25.0,
                   "ipo_length_normalised": 25.0, "hinge": 1.0, "kto": 0.5}
 
 
-@pytest.mark.parametrize("loss", preference.LOSSES.names())
-def test_every_loss_trains_a_step(tmp_path, loss):
+def _step_loss_config(tmp_path, loss):
   config = pair_config(dpo_config, tmp_path, num_steps=4)
   config.optimizer.learning_rate = 1e-2
   config.preference.loss = loss
-  workdir = str(tmp_path / loss)
-  final = loop.train(config, workdir, dpo)
-  first = _records(workdir, "train")[0]["loss"]
+  return config
+
+
+# Cheaper compiles for these tiny programs, as in test_ppo.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+@pytest.fixture(scope="module")
+def initial(tmp_path_factory):
+  """(mesh, initial state, data) shared by every loss: the loss does not enter them."""
+  config = _step_loss_config(tmp_path_factory.mktemp("dpo_losses"), "sigmoid")
+  mesh = sharding_lib.make_mesh(config.mesh)               # the loop's mesh: all 8 devices
+  with jax.set_mesh(mesh):
+    data = dpo.make_data(config, config.data.data_dir)
+    state = dpo.init(config, loop.run_keys(config.seed)[0], mesh)
+  return config, mesh, state, data
+
+
+@pytest.fixture(scope="module")
+def trained(initial):
+  """loss -> (config, [state before each step], [train metrics of each step], final eval):
+  4 steps of the loop's jitted step (warm-up 1, so step 1 does not move the policy) on
+  the loop's batches, each loss compiled once for both tests below."""
+  cache = {}
+
+  def run(loss):
+    if loss not in cache:
+      base, mesh, state, data = initial
+      config = base.copy_and_resolve_references()
+      config.preference.loss = loss
+      with jax.set_mesh(mesh):
+        train = iter(dpo.make_data(config, config.data.data_dir).train)
+        batches = [sharding_lib.put_batch(next(train), mesh) for _ in range(4)]
+        keys = [jax.random.fold_in(loop.run_keys(config.seed)[1], i) for i in range(1, 5)]
+        step = loop.jit_step(dpo, config, state, mesh).lower(state, batches[0], keys[0]).compile(
+            FAST_COMPILE)
+        state = jax.tree.map(jnp.copy, state)               # the step donates it
+        states, metrics = [], []
+        for batch, key in zip(batches, keys):
+          states.append(jax.tree.map(jnp.copy, state))
+          state, m = step(state, batch, key)
+          metrics.append(jax.device_get(m))
+        final = dpo.evaluate(config, state, data, mesh, jax.random.key(3))
+      cache[loss] = config, states, metrics, final
+    return cache[loss]
+  return run
+
+
+@pytest.mark.parametrize("loss", preference.LOSSES.names())
+def test_every_loss_trains_a_step(trained, loss):
+  _, _, metrics, final = trained(loss)
+  first = float(metrics[0]["loss"])
   if loss in LOSS_AT_STEP_1:
     np.testing.assert_allclose(first, LOSS_AT_STEP_1[loss], rtol=1e-6)
   assert final["loss"] < first - 0.01 * abs(first)          # its own loss fell, held out
@@ -164,20 +213,18 @@ def test_every_loss_trains_a_step(tmp_path, loss):
 
 @pytest.mark.parametrize("loss", ["sigmoid", "simpo", "orpo", "ipo", "ipo_length_normalised",
                                   "kto"])
-def test_evaluation_reports_the_training_loss(tmp_path, loss):
-  config = pair_config(dpo_config, tmp_path)
-  config.preference.loss = loss
-  config.optimizer.update(learning_rate=1e-2, warmup_steps=0)
-  mesh = one_device_mesh()
-  data = dpo.make_data(config, str(tmp_path))
-  batches = [dict(next(data.train), valid=np.ones(8, np.int32)) for _ in range(2)]
+def test_evaluation_reports_the_training_loss(trained, initial, loss):
+  config, states, metrics, _ = trained(loss)
+  _, mesh, _, _ = initial
+  # The state after step 2 (policy != reference: step 2 had a learning rate) evaluated on
+  # step 3's batch reports step 3's metrics.
+  batch = next(b for i, b in enumerate(iter(dpo.make_data(config, config.data.data_dir).train))
+               if i == 2)
+  train = metrics[2]
   with jax.set_mesh(mesh):
-    state = dpo.init(config, jax.random.key(0), mesh)
-    step = jax.jit(dpo.make_step(config))
-    state, _ = step(state, batches[0], jax.random.key(1))   # policy != reference from here
-    _, train = step(state, batches[1], jax.random.key(2))
-    evaluated = dpo.evaluate(config, state, loop.Data(train=None, eval=lambda: batches[1:]), mesh,
-                             jax.random.key(3))
+    evaluated = dpo.evaluate(config, states[2], loop.Data(
+        train=None, eval=lambda: [dict(batch, valid=np.ones(8, np.int32))]), mesh,
+        jax.random.key(3))
   assert set(train) - {"grad_norm", "learning_rate"} <= set(evaluated)
   for k in set(train) - {"grad_norm", "learning_rate"}:
     np.testing.assert_allclose(evaluated[k], train[k], rtol=1e-5, atol=1e-6, err_msg=k)

@@ -133,14 +133,16 @@ def _one_device_mesh():
 
 
 def _trained_state(config, tmp_path, mesh):
-  """A reward model one step away from its zero head (so rewards differ), and a batch."""
+  """A reward model one step away from its zero head (so rewards differ), a batch, and the
+  jitted step (compiled once, reused by the caller)."""
   config.reward_model.zero_head = False
   config.optimizer.update(learning_rate=1e-2, warmup_steps=0)
   data = reward.make_data(config, str(tmp_path))
   batches = [dict(next(data.train), valid=np.ones(8, np.int32)) for _ in range(2)]
   state = reward.init(config, jax.random.key(0), mesh)
-  state, _ = jax.jit(reward.make_step(config))(state, batches[0], jax.random.key(1))
-  return state, batches[1]
+  step = jax.jit(reward.make_step(config))
+  state, _ = step(state, batches[0], jax.random.key(1))
+  return state, batches[1], step
 
 
 def test_evaluation_reports_the_training_loss_with_smoothing_margin_and_centring(tmp_path):
@@ -148,9 +150,9 @@ def test_evaluation_reports_the_training_loss_with_smoothing_margin_and_centring
   config.reward_model.update(use_margin=True, label_smoothing=0.2, center_coef=0.3)
   mesh = _one_device_mesh()
   with jax.set_mesh(mesh):
-    state, batch = _trained_state(config, tmp_path, mesh)
+    state, batch, step = _trained_state(config, tmp_path, mesh)
     batch["margin"] = np.linspace(0.0, 1.0, 8).astype(np.float32)
-    _, train = jax.jit(reward.make_step(config))(state, batch, jax.random.key(2))
+    _, train = step(state, batch, jax.random.key(2))
     evaluated = reward.evaluate(config, state, loop.Data(train=None, eval=lambda: [batch]), mesh,
                                 None)
   for k in ("loss", "accuracy", "reward_chosen", "reward_rejected", "margin"):
@@ -171,7 +173,7 @@ def test_gold_agreement_by_hand(tmp_path):
   config.reward_model.clear_gold_gap = 0.5
   mesh = _one_device_mesh()
   with jax.set_mesh(mesh):
-    state, batch = _trained_state(config, tmp_path, mesh)
+    state, batch, _ = _trained_state(config, tmp_path, mesh)
     model = common.make_model(config, reward.HEADS)
     rc, rr = (np.asarray(r) for r in reward.pair_rewards(
         model, state.params, {k: jnp.asarray(v) for k, v in batch.items()}, "last"))

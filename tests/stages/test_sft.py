@@ -106,6 +106,11 @@ def test_stage_loss_counts_response_tokens_only_in_training_and_evaluation(tmp_p
   np.testing.assert_allclose(evaluated["accuracy"], train["accuracy"], rtol=1e-5)
 
 
+# Slow: its claim (a resumed run's metrics equal the uninterrupted run's, bit for bit) stays in
+# the not-slow suite as tests/test_fault_injection.py::test_sigkill_and_resume_short (a real
+# SIGKILL mid-checkpoint, the loop's restore of state and data) and
+# tests/data/test_pipeline.py (the pipeline's TrainIterator state round trip).
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
   full, parted = str(tmp_path / "full"), str(tmp_path / "parted")
   loop.train(small_config(), full, sft)
