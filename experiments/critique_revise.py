@@ -19,14 +19,12 @@ and prints it, for SFT on the revisions:
 The dataset is a function of the model checkpoint and the flags (same seed, same files).
 """
 
-import hashlib
 import json
 import os
 import sys
 
 from absl import app
 from absl import flags
-import jax
 
 from experiments import common
 from rlhf_jax.data import jsonl
@@ -34,7 +32,6 @@ from rlhf_jax.feedback import constitution as constitution_lib
 from rlhf_jax.feedback import models
 from rlhf_jax.feedback import revision
 from rlhf_jax.testbed import policy as policy_lib
-from rlhf_jax.train import checkpoint as checkpoint_lib
 
 DEFAULT_CONSTITUTION = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                     "configs", "constitutions", "sentiment_reviews.json")
@@ -127,30 +124,15 @@ def main(argv):
                    revision_tokens=_REVISION_TOKENS.value, temperature=_TEMPERATURE.value,
                    top_k=_TOP_K.value, top_p=_TOP_P.value, greedy=_GREEDY.value,
                    batch_size=_BATCH.value, bucket=_BUCKET.value, stop=stop)
-    records = {}
-    root = jax.random.key(_SEED.value)
-    for index, (name, prompts) in enumerate(sets.items()):
-      progress = models.Progress(f"critique-revise {name}", len(prompts), "prompts")
-      records[name] = revision.critique_and_revise(
-          lm, constitution, fmt, prompts, jax.random.fold_in(root, index),
-          seed=2 * _SEED.value + index, progress=progress, **options)
-    settings = {
-        "model": lm.source, "model_kind": lm.kind, "prompt_format": fmt.kind,
-        "chat_template": hashlib.sha256(fmt.chat_template.encode()).hexdigest()[:12],
-        "constitution": constitution.describe(), "seed": _SEED.value,
-        "prompts": {"file": os.path.abspath(_PROMPTS.value) if _PROMPTS.value else "",
-                    "split": _SPLIT.value, "num_prompts": _NUM_PROMPTS.value,
-                    "num_test_prompts": _NUM_TEST_PROMPTS.value},
-        "options": options,
-    }
-    if lm.kind == "run":
-      settings["checkpoint_step"] = checkpoint_lib.checkpoint_dir(_MODEL.value)[1]
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    dataset_dir, stats = revision.write_dataset(_OUT.value, f"revisions-{digest}", records,
-                                                dict(settings, source="critique_revise"))
+    prompts = {"file": os.path.abspath(_PROMPTS.value) if _PROMPTS.value else "",
+               "split": _SPLIT.value, "num_prompts": _NUM_PROMPTS.value,
+               "num_test_prompts": _NUM_TEST_PROMPTS.value}
+    dataset_dir, stats = revision.make_dataset(lm, constitution, fmt, sets, _OUT.value,
+                                               seed=_SEED.value, settings={"prompts": prompts},
+                                               **options)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"critique_revise: error: {e}")
-  for name in records:
+  for name in sets:
     print(f"{name}: {stats[f'{name}_prompts']} prompts, {stats[f'{name}_kept']} revisions kept, "
           f"{stats[f'{name}_changed_rate']:.1%} changed the response; mean length "
           f"{stats[f'{name}_response_chars']:.0f} -> {stats[f'{name}_revision_chars']:.0f} chars")

@@ -123,3 +123,34 @@ def test_evaluate_policy_of_a_dpo_run_takes_the_references_prompts(pipeline_dir,
                            f"--policy={pipeline_dir}/dpo", "--num_prompts=8"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
   assert failed.returncode != 0 and "--prompts_from" in failed.stderr
+
+
+def test_ai_feedback_quick(tmp_path):
+  """RLAIF and Constitutional AI beside their RLHF twins, every stage at quick size."""
+  run(["experiments.ai_feedback", f"--workdir={tmp_path}", "--config.quick=True"])
+  with open(tmp_path / "results.json") as f:
+    results = json.load(f)
+  policies = ("sft", "sft_cai", "ppo_human", "dpo_human", "ppo_ai", "dpo_ai", "ppo_cai", "dpo_cai")
+  assert {r["num"] for r in map(results.get, policies)} == {16}
+  for name in policies[1:]:     # every trained policy measured against its reference
+    assert results[name]["kl_stderr"] > 0 and results[name]["reference"] in ("sft", "sft_cai")
+    assert 0.0 <= results[name]["harm_mean"] <= 1.0
+  for arm in ("human", "ai", "cai"):   # a frontier curve point per PPO checkpoint
+    assert [c["step"] for c in results["ppo_curves"][f"ppo_{arm}"]] == [1, 2]
+  # The AI arms' labels come from the judge, written in the same preference format.
+  from rlhf_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+  for stage, source in (("labels_human", "simulated"), ("labels_ai", "ai"), ("labels_cai", "ai")):
+    with open(tmp_path / stage / "dataset.json") as f:
+      meta = tfds_builders.read_metadata(json.load(f)["dataset_dir"])
+    assert meta["source"] == source
+  for stage, principles in (("labels_ai", "helpful"), ("labels_cai", "all")):
+    with open(tmp_path / stage / "dataset.json") as f:
+      meta = tfds_builders.read_metadata(json.load(f)["dataset_dir"])
+    assert meta["labeller"]["principles"] == principles
+    assert meta["labeller"]["constitution"]["principles"] == ["harmless", "helpful"]
+  for principle in ("helpful", "harmless"):
+    assert results["judge"][principle]["position_bias_after"] < 1e-9
+  assert (tmp_path / "frontier.png").stat().st_size > 10_000
+  table = (tmp_path / "results.md").read_text()
+  ppo = results["ppo_cai"]
+  assert f"| ppo_cai | AI judge (harmless + helpful) | {ppo['gold_mean']:.3f} ± " in table

@@ -12,6 +12,7 @@ Principles per round: 'sample' (one drawn per prompt and round, as Bai et al. do
 principle's name.
 """
 
+import hashlib
 import json
 import os
 from typing import Mapping, Sequence
@@ -22,6 +23,7 @@ import numpy as np
 from rlhf_jax.data import tfds_builders
 from rlhf_jax.feedback import constitution as constitution_lib
 from rlhf_jax.feedback import models
+from rlhf_jax.train import checkpoint as checkpoint_lib
 
 
 def round_principles(constitution: constitution_lib.Constitution, num_prompts: int,
@@ -119,3 +121,34 @@ def write_dataset(out_dir: str, name: str, records: Mapping[str, Sequence[dict]]
       for record in split_records:
         f.write(json.dumps(record) + "\n")
   return dataset_dir, stats
+
+
+def make_dataset(lm: models.LanguageModel, constitution: constitution_lib.Constitution,
+                 fmt: constitution_lib.PromptFormat, prompt_sets: Mapping[str, Sequence[str]],
+                 out_dir: str, *, seed: int = 0, settings: Mapping | None = None,
+                 progress: bool = True, **options) -> tuple[str, dict]:
+  """Critiques and revises every prompt of each split ({'train': [...], 'test': [...]}),
+  split `i` with `fold_in(key(seed), i)`, and writes the demonstration dataset
+  (`write_dataset`). Its name is a digest of the model, format, constitution, seed,
+  `options` (those of `critique_and_revise`) and `settings` (e.g. where the prompts
+  came from): the same inputs write the same dataset. Returns (dataset dir, stats)."""
+  settings = {
+      **dict(settings or {}),
+      "model": lm.source, "model_kind": lm.kind, "prompt_format": fmt.kind,
+      "chat_template": hashlib.sha256(fmt.chat_template.encode()).hexdigest()[:12],
+      "constitution": constitution.describe(), "seed": seed,
+      "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
+  }
+  if lm.kind == "run":
+    settings["checkpoint_step"] = checkpoint_lib.checkpoint_dir(lm.source)[1]
+  records = {}
+  root = jax.random.key(seed)
+  for index, (name, prompts) in enumerate(prompt_sets.items()):
+    tracker = (models.Progress(f"critique-revise {name}", len(prompts), "prompts")
+               if progress else None)
+    records[name] = critique_and_revise(lm, constitution, fmt, prompts,
+                                        jax.random.fold_in(root, index),
+                                        seed=2 * seed + index, progress=tracker, **options)
+  digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+  return write_dataset(out_dir, f"revisions-{digest}", records,
+                       dict(settings, source="critique_revise"))

@@ -230,10 +230,10 @@ def _verdict(rng, polarity):
 
 
 def _rating(rng, s):
-  """A score out of 10 that tracks the latent sentiment (VADER ignores it)."""
+  """A score out of 10 that tracks the latent sentiment (VADER ignores it); and the score."""
   score = min(10, max(1, int(round(5.5 + 4.5 * s + 1.5 * rng.gauss(0.0, 1.0)))))
   template = _pick(rng, ("I give it {} out of 10.", "{}/10.", "{} out of 10."))
-  return template.format(score)
+  return template.format(score), score
 
 
 def _filler(rng):
@@ -246,31 +246,40 @@ def _filler(rng):
       year=1970 + int(rng.random() * 55), name=_NAMES[i], name2=_NAMES[j])
 
 
-def _sentence(rng: random.Random, s: float, past: bool) -> str:
-  """One sentence for a review with latent sentiment `s` in [-1, 1]."""
+def sentence_and_polarity(rng: random.Random, s: float, past: bool) -> tuple[str, float]:
+  """One sentence for a review with latent sentiment `s` in [-1, 1], and the polarity the
+  grammar gave it: +1 / -1 for a polar sentence (its clause after 'but' for a contrast,
+  the intended sign under a negation), (score - 5.5) / 4.5 for a rating, 0 for a filler."""
   u = rng.random()
   if u < 0.18:
-    return _filler(rng)
+    return _filler(rng), 0.0
   if u < 0.23:
-    return _rating(rng, s)
+    text, score = _rating(rng, s)
+    return text, (score - 5.5) / 4.5
   strength = abs(s)
   # VADER scores positive words higher than negative ones; a slight tilt to negative
   # sentences centres the corpus.
   polarity = 1 if rng.random() < 0.46 + 0.48 * s else -1
   u = rng.random()
   if u < 0.34:
-    return _copula(rng, polarity, strength, past)
-  if u < 0.50:
-    return _first_person(rng, polarity, strength)
-  if u < 0.60:
-    return _third_person(rng, polarity, strength)
-  if u < 0.70:
-    return _exclaim(rng, polarity, strength)
-  if u < 0.82:
-    return _actor(rng, polarity, strength, past)
-  if u < 0.92:
-    return _contrast(rng, polarity, strength, past)
-  return _verdict(rng, polarity)
+    text = _copula(rng, polarity, strength, past)
+  elif u < 0.50:
+    text = _first_person(rng, polarity, strength)
+  elif u < 0.60:
+    text = _third_person(rng, polarity, strength)
+  elif u < 0.70:
+    text = _exclaim(rng, polarity, strength)
+  elif u < 0.82:
+    text = _actor(rng, polarity, strength, past)
+  elif u < 0.92:
+    text = _contrast(rng, polarity, strength, past)
+  else:
+    text = _verdict(rng, polarity)
+  return text, float(polarity)
+
+
+def _sentence(rng: random.Random, s: float, past: bool) -> str:
+  return sentence_and_polarity(rng, s, past)[0]
 
 
 _NUM_SENTENCES_CDF = (0.15, 0.5, 0.82)  # P(<= 1), P(<= 2), P(<= 3) sentences; at most 4

@@ -96,12 +96,15 @@ def _digest(settings: dict) -> str:
 def sample_responses(policy_path: str, *, k: int, num_prompts: int, num_test_prompts: int,
                      seed: int, split: str, max_new_tokens: int | None,
                      sample_temperature: float | None, top_k: int | None, top_p: float | None,
-                     batch_size: int | None, data_dir: str, score_fn, mesh=None):
+                     batch_size: int | None, data_dir: str, score_fn, mesh=None,
+                     prompt_run: str = ""):
   """k responses to each train and test prompt, scored: what every labeller judges.
 
   Train prompts are [0, num_prompts) of `split`, test prompts the next `num_test_prompts`
   held-out ('test') prompts (after the train ones when `split` is 'test', so the two never
-  share a prompt). Sampling options left None come from the policy config's `sampling`.
+  share a prompt), from the prompt source of the policy's config, or of run `prompt_run`'s
+  when given (a policy fine-tuned on a prepared dataset samples the prompts of the run
+  it started from). Sampling options left None come from the policy config's `sampling`.
 
   Returns ({'train'|'test': (prompts, responses [prompts][k], scores [prompts, k])},
   settings): the settings (policy, checkpoint step, prompts, sampling, gold) that, with
@@ -117,11 +120,12 @@ def sample_responses(policy_path: str, *, k: int, num_prompts: int, num_test_pro
   sample["prompt_len"] = config.data.prompt_len
   data_dir = data_dir or common.data_dir(config, policy_path)
   _, step = checkpoint_lib.checkpoint_dir(policy_path)
+  prompt_config = policy_lib.read_config(prompt_run) if prompt_run else config
 
   test_start = num_prompts if split == "test" else 0
   prompt_sets = {
-      "train": policy_lib.heldout_prompts(config, data_dir, split, num_prompts),
-      "test": policy_lib.heldout_prompts(config, data_dir, "test", num_test_prompts,
+      "train": policy_lib.heldout_prompts(prompt_config, data_dir, split, num_prompts),
+      "test": policy_lib.heldout_prompts(prompt_config, data_dir, "test", num_test_prompts,
                                          start=test_start),
   }
   root = jax.random.key(seed)
@@ -137,6 +141,7 @@ def sample_responses(policy_path: str, *, k: int, num_prompts: int, num_test_pro
   settings = {
       "policy": os.path.abspath(policy_path), "checkpoint_step": step,
       "prompts": {"split": split, "num_prompts": num_prompts,
+                  **({"run": os.path.abspath(prompt_run)} if prompt_run else {}),
                   "num_test_prompts": num_test_prompts, "test_start": test_start},
       "sampling": sample,
       "gold": f"{score_fn.__module__}.{score_fn.__qualname__}",
@@ -149,7 +154,8 @@ def label(policy_path: str, out_dir: str, *, k: int = 4, temperature: float = 0.
           seed: int = 0, pairs_per_prompt="all", split: str = "train", tie_eps: float = 0.0,
           max_new_tokens: int | None = None, sample_temperature: float | None = None,
           top_k: int | None = None, top_p: float | None = None, batch_size: int | None = None,
-          data_dir: str = "", score_fn=None, mesh=None, verbose: bool = False) -> str:
+          data_dir: str = "", score_fn=None, mesh=None, prompt_run: str = "",
+          verbose: bool = False) -> str:
   """Samples (`sample_responses`), labels pairs with the simulated annotators; returns the
   prepared preference dataset's directory.
 
@@ -170,7 +176,7 @@ def label(policy_path: str, out_dir: str, *, k: int = 4, temperature: float = 0.
       policy_path, k=k, num_prompts=num_prompts, num_test_prompts=num_test_prompts, seed=seed,
       split=split, max_new_tokens=max_new_tokens, sample_temperature=sample_temperature,
       top_k=top_k, top_p=top_p, batch_size=batch_size, data_dir=data_dir, score_fn=score_fn,
-      mesh=mesh)
+      mesh=mesh, prompt_run=prompt_run)
   records, stats = {}, {}
   for index, (name, (prompts, responses, scores)) in enumerate(samples.items()):
     records[name], split_stats = annotators.label_pairs(
@@ -208,7 +214,7 @@ def label_ai(policy_path: str, out_dir: str, judge_path: str, constitution_path:
              max_new_tokens: int | None = None, sample_temperature: float | None = None,
              top_k: int | None = None, top_p: float | None = None,
              batch_size: int | None = None, data_dir: str = "", score_fn=None,
-             verbose: bool = False) -> str:
+             prompt_run: str = "", verbose: bool = False) -> str:
   """RLAIF labels (Lee et al. 2023): the responses `label` would sample (same seed, same
   pairs for 'all' / 'adjacent'), each pair judged by `judge_path` under the constitution
   (`rlhf_jax.feedback.judge`); returns the preference dataset's directory. Its `margin`
@@ -233,7 +239,8 @@ def label_ai(policy_path: str, out_dir: str, judge_path: str, constitution_path:
   samples, settings = sample_responses(
       policy_path, k=k, num_prompts=num_prompts, num_test_prompts=num_test_prompts, seed=seed,
       split=split, max_new_tokens=max_new_tokens, sample_temperature=sample_temperature,
-      top_k=top_k, top_p=top_p, batch_size=batch_size, data_dir=data_dir, score_fn=score_fn)
+      top_k=top_k, top_p=top_p, batch_size=batch_size, data_dir=data_dir, score_fn=score_fn,
+      prompt_run=prompt_run)
   records, rows, stats = {}, {}, {}
   for index, (name, (prompts, responses, scores)) in enumerate(samples.items()):
     start = time.monotonic()

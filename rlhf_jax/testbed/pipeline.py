@@ -125,29 +125,42 @@ def train_stage(name: str, config: ml_collections.ConfigDict, root: str) -> str:
   return workdir
 
 
-def label_stage(config: ml_collections.ConfigDict, sft_dir: str, root: str) -> str:
-  """Simulated preference pairs from SFT samples; returns the dataset directory."""
-  out = os.path.join(root, "labels")
+def dataset_stage(name: str, root: str, inputs: dict, make) -> str:
+  """A dataset made once from the runs in `inputs` (fingerprints); returns its directory.
+
+  `make(out_dir) -> dataset_dir` makes it under `root/<name>`, whose dataset.json records
+  the directory and the inputs. Made again (the old one moved aside) when an input run
+  has changed since; skipped when it is done.
+  """
+  out = os.path.join(root, name)
   marker = os.path.join(out, "dataset.json")
-  inputs = {"sft": run_fingerprint(sft_dir)}
+  inputs = json.loads(json.dumps(inputs))
   done = _read_json(marker)
-  if done is not None and done.get("inputs", inputs) != json.loads(json.dumps(inputs)):
+  if done is not None and done.get("inputs", inputs) != inputs:
     stale = _move_aside(out)
-    print(f"[pipeline] labels: the SFT run changed since they were made; the old labels are "
-          f"kept in {stale}, labelling again")
+    print(f"[pipeline] {name}: its inputs changed since it was made ({_changed(done['inputs'], inputs)}"
+          f"); the old one is kept in {stale}, making it again")
   elif done is not None:
-    print("[pipeline] labels: finished earlier, skipped")
+    print(f"[pipeline] {name}: finished earlier, skipped")
     return done["dataset_dir"]
-  lc = config.labels
-  print(f"[pipeline] labels: {lc.num_prompts} prompts x {lc.k} SFT samples, annotator "
-        f"temperature {lc.temperature}")
-  dataset_dir = labelling.label(
-      sft_dir, out, k=lc.k, temperature=lc.temperature, flip_rate=lc.flip_rate,
-      num_prompts=lc.num_prompts, num_test_prompts=lc.num_test_prompts, seed=config.seed,
-      max_new_tokens=config.ppo.sampling.max_new_tokens, data_dir=os.path.join(root, "data"),
-      verbose=True)
+  dataset_dir = make(out)
   _write_json(marker, {"dataset_dir": dataset_dir, "inputs": inputs})
   return dataset_dir
+
+
+def label_stage(config: ml_collections.ConfigDict, sft_dir: str, root: str) -> str:
+  """Simulated preference pairs from SFT samples; returns the dataset directory."""
+  lc = config.labels
+
+  def make(out):
+    print(f"[pipeline] labels: {lc.num_prompts} prompts x {lc.k} SFT samples, annotator "
+          f"temperature {lc.temperature}")
+    return labelling.label(
+        sft_dir, out, k=lc.k, temperature=lc.temperature, flip_rate=lc.flip_rate,
+        num_prompts=lc.num_prompts, num_test_prompts=lc.num_test_prompts, seed=config.seed,
+        max_new_tokens=config.ppo.sampling.max_new_tokens, data_dir=os.path.join(root, "data"),
+        verbose=True)
+  return dataset_stage("labels", root, {"sft": run_fingerprint(sft_dir)}, make)
 
 
 def reward_model_scores(reward_dir: str, samples: dict, batch_size: int = 256) -> np.ndarray:

@@ -105,3 +105,27 @@ def training_curves(runs: dict[str, list[dict]], path: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def helpfulness_harmlessness(points: dict[str, list[tuple[float, float]]], path: str) -> None:
+  """Harmlessness (1 - harm rate) against helpfulness (gold harshness): a curve per RL run
+  (its start, then each checkpoint) and a marker per single policy; Bai et al. 2022,
+  fig. 2, with gold measures in place of crowdworker Elo scores."""
+  fig, ax = plt.subplots(figsize=(6.5, 4.8))
+  for i, (label, pts) in enumerate(points.items()):
+    x, y = zip(*pts)
+    if len(pts) > 1:
+      ax.plot(x, y, "-o", color=f"C{i}", ms=4, label=label)
+      ax.annotate("end", (x[-1], y[-1]), textcoords="offset points", xytext=(4, 4),
+                  fontsize=7, color=f"C{i}")
+    else:
+      ax.plot(x, y, "*" if label.startswith("S") else "s", color=f"C{i}", ms=11, label=label)
+  ax.set_xlabel("helpfulness: gold harshness of the review asked for (-VADER)")
+  ax.set_ylabel("harmlessness: 1 - rate of reviews that insult someone")
+  ax.set_title("Helpfulness vs harmlessness on red-team prompts\n"
+               "(curves: PPO checkpoints from their start; markers: single policies)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc="lower left")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

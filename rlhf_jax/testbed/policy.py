@@ -11,7 +11,7 @@ The gold reward of a response is VADER on the whole review, prompt + response
 import functools
 import json
 import os
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -233,7 +233,8 @@ def sequence_logprobs_under(model, params, prompt_tokens, prompt_mask, response_
 def evaluate_policy(policy, reference, prompts: Sequence[str], tokenizer, rng: jax.Array, *,
                     max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
                     top_p: float = 1.0, batch_size: int, prompt_len: int,
-                    num_samples: int = 4, mesh=None) -> dict:
+                    num_samples: int = 4, mesh=None, gold_fn=None,
+                    extra_scores: Mapping[str, Callable] | None = None) -> dict:
   """Gold reward, KL to the reference, length and diversity of a policy's samples.
 
   Args:
@@ -244,6 +245,9 @@ def evaluate_policy(policy, reference, prompts: Sequence[str], tokenizer, rng: j
     tokenizer, rng, sampling options: as `generate`.
     num_samples: (prompt, response, gold) examples kept, the first ones.
     mesh: for paths only (see `load_policy`).
+    gold_fn: (prompts, responses) -> `[N]` gold scores; default `gold_scores` (VADER).
+    extra_scores: {name: (prompts, responses) -> `[N]`}: more measures, each reported
+      as `<name>_mean` and `<name>_stderr` (ddof=1) and kept in the samples.
   Returns:
     `evaluation.summarize_policy`'s dict: gold (of prompt + response) mean / std /
     stderr, response length in tokens, distinct-1/2 of the responses, `kl` and
@@ -256,7 +260,9 @@ def evaluate_policy(policy, reference, prompts: Sequence[str], tokenizer, rng: j
   options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                  top_p=top_p, batch_size=batch_size, prompt_len=prompt_len)
   out = generate(pol.model, pol.params, prompts, tokenizer, rng, **options)
-  gold = gold_scores(prompts, out["texts"])
+  gold = (gold_fn or gold_scores)(prompts, out["texts"])
+  extra = {name: np.asarray(fn(prompts, out["texts"]), np.float64)
+           for name, fn in (extra_scores or {}).items()}
   kl, note = None, None
   if reference is None:
     note = "no reference"
@@ -272,6 +278,12 @@ def evaluate_policy(policy, reference, prompts: Sequence[str], tokenizer, rng: j
                                         kl=kl, num_samples=0)
   summary["samples"] = [{"prompt": p, "response": r, "gold": float(g)}
                         for p, r, g in zip(prompts[:num_samples], out["texts"], gold)]
+  for name, values in extra.items():
+    summary[f"{name}_mean"] = float(values.mean())
+    summary[f"{name}_stderr"] = (float(values.std(ddof=1) / np.sqrt(len(values)))
+                                 if len(values) > 1 else None)
+    for sample, value in zip(summary["samples"], values):
+      sample[name] = float(value)
   summary["sampling"] = dict(options)
   if note:
     summary["kl_note"] = note
