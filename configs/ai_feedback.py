@@ -4,8 +4,8 @@
 
 One pretrained model (reviews written on harsh requests, plus the constitution's
 comparisons, verdicts and critique-revisions in its corpus) is the base of every policy
-and of the judge (fine-tuned on the corpus's judgements alone); the SFT policy critiques
-and revises its own samples. Stages, each beside its twin trained on simulated human
+and of the feedback model (fine-tuned on the corpus's judgements, critiques and
+revisions alone), which judges pairs and critiques and revises the SFT policy's samples. Stages, each beside its twin trained on simulated human
 labels of the gold helpfulness:
 
   RLHF (helpful only)  sft -> labels_human -> reward_human -> ppo_human, dpo_human
@@ -40,14 +40,15 @@ def get_config():
   c.pretrain.data.seq_len = 256
   c.pretrain.train.update(num_steps=500, eval_every=0, checkpoint_every=250)
 
-  # The judge: the pretrained model fine-tuned on the corpus's judgements alone (the loss
-  # on the answer token), as RLAIF judges are instruction-tuned models.
-  c.judge = ml_collections.ConfigDict(c.sft.to_dict())
-  c.judge.data.source = "harsh_reviews_judge"
-  c.judge.data.seq_len = 256
-  c.judge.data.batch_size = 32
-  c.judge.optimizer.learning_rate = 1e-3
-  c.judge.train.update(num_steps=250, eval_every=0, checkpoint_every=250)
+  # The feedback model (judge, critic, reviser): the pretrained model fine-tuned on the
+  # corpus's comparisons, verdicts and critique-revisions alone (the loss on the judgement,
+  # critique and revision), as RLAIF and CAI feedback models are instruction-tuned.
+  c.feedback_model = ml_collections.ConfigDict(c.sft.to_dict())
+  c.feedback_model.data.source = "harsh_reviews_feedback"
+  c.feedback_model.data.seq_len = 256
+  c.feedback_model.data.batch_size = 32
+  c.feedback_model.optimizer.learning_rate = 1e-3
+  c.feedback_model.train.update(num_steps=600, eval_every=0, checkpoint_every=300)
 
   c.sft.data.source = "harsh_reviews"
   c.sft.data.seq_len = 96
@@ -93,7 +94,7 @@ def make_quick(c: ml_collections.ConfigDict) -> None:
   c.pretrain.train.update(num_steps=120, eval_every=0, checkpoint_every=120)
   c.pretrain.optimizer.warmup_steps = 10
   c.sft.train.update(num_steps=20, checkpoint_every=20)
-  c.judge.train.update(num_steps=20, checkpoint_every=20, eval_batches=2)
+  c.feedback_model.train.update(num_steps=20, checkpoint_every=20, eval_batches=2)
   c.sft_cai.train.update(num_steps=10, checkpoint_every=10, eval_every=0, eval_batches=2)
   c.ppo.train.update(num_steps=2, eval_every=0, checkpoint_every=1, keep_checkpoints=0)
   c.ppo.sampling.update(max_new_tokens=24, eval_prompts=16)

@@ -45,6 +45,7 @@ def critique_and_revise(lm: models.LanguageModel,
                         revision_tokens: int = 48, temperature: float = 1.0, top_k: int = 0,
                         top_p: float = 1.0, greedy: bool = False, batch_size: int = 16,
                         bucket: int = 32, stop: Sequence[str] = (),
+                        responses: Sequence[str] | None = None,
                         progress: models.Progress | None = None) -> list[dict]:
   """Runs the loop on every prompt; returns one record per prompt:
 
@@ -53,6 +54,8 @@ def critique_and_revise(lm: models.LanguageModel,
 
   Sampling call `c` (0: responses, then critique and revision of each round) uses
   `fold_in(rng, c)`; `stop` strings cut critiques and revisions (not the response).
+  `responses`: the first responses, written by another model (a policy whose samples
+  `lm` critiques and revises); None samples them from `lm`.
   """
   indices = round_principles(constitution, len(prompts), rounds, principles, seed)
   sample = lambda texts, call, max_new, stop_at: models.sample_texts(
@@ -61,8 +64,14 @@ def critique_and_revise(lm: models.LanguageModel,
       batch_size=batch_size, bucket=bucket, stop=stop_at)
   steps = 1 + 2 * rounds
 
-  current = sample([fmt.render(constitution.turn("response", prompt=p)) for p in prompts],
-                   0, response_tokens, ())
+  if responses is None:
+    current = sample([fmt.render(constitution.turn("response", prompt=p)) for p in prompts],
+                     0, response_tokens, ())
+  elif len(responses) != len(prompts):
+    raise ValueError(f"critique_and_revise: {len(responses)} responses for {len(prompts)} "
+                     "prompts")
+  else:
+    current = list(responses)
   records = [{"prompt": p, "response": r, "rounds": []} for p, r in zip(prompts, current)]
   if progress:
     progress.update(len(prompts) / steps)
@@ -126,12 +135,14 @@ def write_dataset(out_dir: str, name: str, records: Mapping[str, Sequence[dict]]
 def make_dataset(lm: models.LanguageModel, constitution: constitution_lib.Constitution,
                  fmt: constitution_lib.PromptFormat, prompt_sets: Mapping[str, Sequence[str]],
                  out_dir: str, *, seed: int = 0, settings: Mapping | None = None,
+                 responses: Mapping[str, Sequence[str]] | None = None,
                  progress: bool = True, **options) -> tuple[str, dict]:
   """Critiques and revises every prompt of each split ({'train': [...], 'test': [...]}),
   split `i` with `fold_in(key(seed), i)`, and writes the demonstration dataset
   (`write_dataset`). Its name is a digest of the model, format, constitution, seed,
   `options` (those of `critique_and_revise`) and `settings` (e.g. where the prompts
-  came from): the same inputs write the same dataset. Returns (dataset dir, stats)."""
+  came from, and who wrote `responses` {split: [...]} when given; their digest is
+  included): the same inputs write the same dataset. Returns (dataset dir, stats)."""
   settings = {
       **dict(settings or {}),
       "model": lm.source, "model_kind": lm.kind, "prompt_format": fmt.kind,
@@ -139,6 +150,10 @@ def make_dataset(lm: models.LanguageModel, constitution: constitution_lib.Consti
       "constitution": constitution.describe(), "seed": seed,
       "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
   }
+  if responses is not None:
+    settings["responses"] = hashlib.sha256(
+        json.dumps({k: list(v) for k, v in responses.items()}, sort_keys=True).encode()
+    ).hexdigest()[:12]
   if lm.kind == "run":
     settings["checkpoint_step"] = checkpoint_lib.checkpoint_dir(lm.source)[1]
   records = {}
@@ -148,7 +163,9 @@ def make_dataset(lm: models.LanguageModel, constitution: constitution_lib.Consti
                if progress else None)
     records[name] = critique_and_revise(lm, constitution, fmt, prompts,
                                         jax.random.fold_in(root, index),
-                                        seed=2 * seed + index, progress=tracker, **options)
+                                        seed=2 * seed + index, progress=tracker,
+                                        responses=None if responses is None else responses[name],
+                                        **options)
   digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
   return write_dataset(out_dir, f"revisions-{digest}", records,
                        dict(settings, source="critique_revise"))

@@ -1,16 +1,21 @@
 """RLAIF and Constitutional AI on the red-team testbed, each beside its RLHF twin.
 
   pretrain -> sft                               (the helpful model: reviews on request)
-  pretrain -> judge                             (fine-tuned on the corpus's judgements)
+  pretrain -> feedback_model                    (judge, critic, reviser: fine-tuned on the
+                                                 corpus's judgements and critique-revisions)
   labels_human -> reward_human -> ppo_human, dpo_human      RLHF, helpful only
   labels_ai    -> reward_ai    -> ppo_ai,    dpo_ai         RLAIF (judge: principle 'helpful')
-  revisions -> sft_cai                                      SL-CAI (self-critique, 'harmless')
+  ppo_direct                                                d-RLAIF: the judge's verdict as reward
+  revisions -> sft_cai                                      SL-CAI (critique, revise: 'harmless')
   labels_cai   -> reward_cai   -> ppo_cai,   dpo_cai        RL-CAI (judge: every principle)
   judge report, evaluation, frontier
 
-The judge is the pretrained run fine-tuned on the comparisons and verdicts of its corpus
-(`harsh_reviews_judge`: answers from the grammar's latent variables, never from gold);
-the SFT model critiques and revises its own samples. The
+The feedback model is the pretrained run fine-tuned on the comparisons, verdicts and
+critique-revisions of its corpus (`harsh_reviews_feedback`: answers and rewrites from the
+grammar's latent variables, never from gold). It judges pairs, and it critiques and
+revises the SFT policy's samples (Bai et al. have the policy critique itself; a model
+this small learns the critique format only from a fine-tune, so the feedback model does
+it, as a separate critic model would). The
 human labels are the simulated annotators on the gold helpfulness (`harshness`); no
 stage of the AI arms reads a gold score. Stages are skipped, resumed and retrained as in
 `pipeline` (its `train_stage` and `dataset_stage`). Writes results.json, results.md and
@@ -38,7 +43,6 @@ from rlhf_jax.testbed import plots
 from rlhf_jax.testbed import policy as policy_lib
 from rlhf_jax.train import checkpoint as checkpoint_lib
 
-ARMS = ("human", "ai", "cai")
 CLEAR_GAP = 0.5      # a pair is clear when its gold differs by more than this (harm: 0 or 1)
 
 
@@ -98,28 +102,35 @@ def ai_labels(config, name: str, policy_dir: str, judge_dir: str, principles: st
   return pipeline.dataset_stage(name, root, inputs, make)
 
 
-def revisions(config, sft_dir: str, root: str) -> str:
-  """SL-CAI: the SFT model critiques and revises its own samples of train prompts."""
+def revisions(config, sft_dir: str, critic_dir: str, root: str) -> str:
+  """SL-CAI: the critic critiques and revises the SFT policy's samples of train prompts."""
   fc = config.feedback
 
   def make(out):
-    lm = feedback_models.load(sft_dir)
+    policy, critic = feedback_models.load(sft_dir), feedback_models.load(critic_dir)
     con = constitution_lib.load(config.data.constitution)
     fmt = constitution_lib.make_format(con, "plain")
     sft_config = policy_lib.read_config(sft_dir)
     sets = {"train": policy_lib.heldout_prompts(sft_config, _data_dir(root), "train",
                                                 fc.revision_prompts),
             "test": policy_lib.heldout_prompts(sft_config, _data_dir(root), "test", 64)}
+    batch = config.ppo.sampling.eval_batch_size
+    responses = {split: feedback_models.sample_texts(
+        policy, [fmt.render(con.turn("response", prompt=p)) for p in prompts],
+        jax.random.fold_in(jax.random.key(config.seed), 100 + i), add_bos=fmt.add_bos,
+        max_new_tokens=config.ppo.sampling.max_new_tokens, batch_size=batch)
+        for i, (split, prompts) in enumerate(sets.items())}
     dataset_dir, stats = revision.make_dataset(
-        lm, con, fmt, sets, out, seed=config.seed, rounds=fc.revision_rounds,
-        principles=fc.revision_principles, response_tokens=config.ppo.sampling.max_new_tokens,
-        critique_tokens=fc.critique_tokens, revision_tokens=fc.revision_tokens,
-        batch_size=config.ppo.sampling.eval_batch_size, stop=("\n",))
+        critic, con, fmt, sets, out, seed=config.seed, responses=responses,
+        settings={"responses_from": policy.source}, rounds=fc.revision_rounds,
+        principles=fc.revision_principles, critique_tokens=fc.critique_tokens,
+        revision_tokens=fc.revision_tokens, batch_size=batch, stop=("\n",))
     print(f"[pipeline] revisions: {stats['train_kept']} kept, "
           f"{stats['train_changed_rate']:.1%} changed by the revision")
     return dataset_dir
-  return pipeline.dataset_stage("revisions", root, {"sft": pipeline.run_fingerprint(sft_dir)},
-                                make)
+  inputs = {"sft": pipeline.run_fingerprint(sft_dir),
+            "critic": pipeline.run_fingerprint(critic_dir)}
+  return pipeline.dataset_stage("revisions", root, inputs, make)
 
 
 def arm_runs(config, root: str, arm: str, policy_dir: str, labels_dir: str) -> dict:
@@ -208,7 +219,9 @@ def _load_step(workdir: str, step: int):
 
 
 REFERENCES = {"sft": None, "sft_cai": "sft", "ppo_human": "sft", "dpo_human": "sft",
-              "ppo_ai": "sft", "dpo_ai": "sft", "ppo_cai": "sft_cai", "dpo_cai": "sft_cai"}
+              "ppo_ai": "sft", "dpo_ai": "sft", "ppo_direct": "sft", "ppo_cai": "sft_cai",
+              "dpo_cai": "sft_cai"}
+PPO_RUNS = ("ppo_human", "ppo_ai", "ppo_direct", "ppo_cai")
 
 
 def evaluate_all(config, root: str, dirs: dict) -> dict:
@@ -226,8 +239,8 @@ def evaluate_all(config, root: str, dirs: dict) -> dict:
                               sampling)
     results[name]["reference"] = ref
   curves = {}
-  for arm in ARMS:
-    name, ref = f"ppo_{arm}", REFERENCES[f"ppo_{arm}"]
+  for name in PPO_RUNS:
+    ref = REFERENCES[name]
     reference = policy_lib.as_policy(dirs[ref])
     curves[name] = []
     for step in _checkpoint_steps(dirs[name]):
@@ -263,6 +276,7 @@ def markdown(results: dict, report: dict) -> str:
   labels = {"sft": "demonstrations", "sft_cai": "own revisions (harmless)",
             "ppo_human": "simulated human (helpful)", "dpo_human": "simulated human (helpful)",
             "ppo_ai": "AI judge (helpful)", "dpo_ai": "AI judge (helpful)",
+            "ppo_direct": "none: judge verdict as reward (helpful)",
             "ppo_cai": "AI judge (harmless + helpful)",
             "dpo_cai": "AI judge (harmless + helpful)"}
   for name in REFERENCES:
@@ -286,11 +300,14 @@ def markdown(results: dict, report: dict) -> str:
 def frontier_points(results: dict) -> dict:
   """{label: [(helpfulness, harmlessness = 1 - harm rate), ...]} for the plot."""
   points = {}
-  for arm, label in (("human", "RLHF, helpful only (PPO)"), ("ai", "RLAIF, helpful (PPO)"),
-                     ("cai", "RL-CAI (PPO)")):
-    start = results["sft_cai" if arm == "cai" else "sft"]
+  for name, label in (("ppo_human", "RLHF, helpful only (PPO)"),
+                      ("ppo_ai", "RLAIF, helpful (PPO)"), ("ppo_direct", "d-RLAIF (PPO)"),
+                      ("ppo_cai", "RL-CAI (PPO)")):
+    if name not in results["ppo_curves"]:
+      continue
+    start = results[REFERENCES[name]]
     curve = [(start["gold_mean"], 1 - start["harm_mean"])]
-    curve += [(c["gold_mean"], 1 - c["harm_mean"]) for c in results["ppo_curves"][f"ppo_{arm}"]]
+    curve += [(c["gold_mean"], 1 - c["harm_mean"]) for c in results["ppo_curves"][name]]
     points[label] = curve
   for name, label in (("sft", "SFT"), ("sft_cai", "SL-CAI"), ("dpo_human", "DPO, human labels"),
                       ("dpo_ai", "DPO, AI labels"), ("dpo_cai", "DPO, CAI labels")):
@@ -304,11 +321,12 @@ def run(config: ml_collections.ConfigDict, root: str) -> dict:
   start = time.perf_counter()
   dirs = pipeline.policy_runs(config, root)
   dirs["judge"] = pipeline.train_stage(
-      "judge", pipeline.stage_config(config, "judge", root, checkpoint=dirs["pretrained"]), root)
+      "feedback_model", pipeline.stage_config(config, "feedback_model", root,
+                                              checkpoint=dirs["pretrained"]), root)
   dirs["labels_human"] = human_labels(config, dirs["sft"], root)
   dirs["labels_ai"] = ai_labels(config, "labels_ai", dirs["sft"], dirs["judge"],
                                 config.feedback.rlaif_principles, root)
-  dirs["revisions"] = revisions(config, dirs["sft"], root)
+  dirs["revisions"] = revisions(config, dirs["sft"], dirs["judge"], root)
   cai = pipeline.stage_config(config, "sft_cai", root, checkpoint=dirs["pretrained"])
   cai.data.update({"source": "dataset", "dataset_dir": dirs["revisions"]})
   dirs["sft_cai"] = pipeline.train_stage("sft_cai", cai, root)
@@ -317,6 +335,11 @@ def run(config: ml_collections.ConfigDict, root: str) -> dict:
   dirs.update(arm_runs(config, root, "human", dirs["sft"], dirs["labels_human"]))
   dirs.update(arm_runs(config, root, "ai", dirs["sft"], dirs["labels_ai"]))
   dirs.update(arm_runs(config, root, "cai", dirs["sft_cai"], dirs["labels_cai"]))
+  direct = pipeline.stage_config(config, "ppo", root, checkpoint=dirs["sft"])
+  direct.rl.update(reward="judge", judge=dirs["judge"], judge_constitution=config.data.constitution,
+                   judge_principles=config.feedback.rlaif_principles,
+                   judge_batch_size=config.feedback.judge_batch_size)
+  dirs["ppo_direct"] = pipeline.train_stage("ppo_direct", direct, root)
   print("[pipeline] judge report: agreement with gold per principle on held-out pairs")
   report = judge_report(config, root, dirs)
   print("[pipeline] evaluation: every policy on the same held-out red-team prompts")

@@ -93,3 +93,22 @@ def test_round_principles():
   assert drawn.shape == (2, 50) and set(drawn.ravel()) == {0, 1}
   with pytest.raises(ValueError, match="rounds must be >= 1"):
     revision.round_principles(c, 2, 0, "all", 0)
+
+
+def test_given_responses_are_critiqued_and_revised_as_if_sampled(setup):
+  """Responses written by another model go through the same critique and revision calls:
+  given the responses the loop sampled itself, every record is the same."""
+  lm, c, records = setup
+  given = revision.critique_and_revise(
+      lm, c, constitution_lib.make_format(c, "plain"), PROMPTS, jax.random.key(0), rounds=2,
+      principles="all", greedy=True, batch_size=2, bucket=64,
+      responses=[r["response"] for r in records], **LENGTHS)
+  assert given == records
+  other = ["x", " was dull.", " liked it"]
+  moved = revision.critique_and_revise(
+      lm, c, constitution_lib.make_format(c, "plain"), PROMPTS, jax.random.key(0), rounds=1,
+      principles="all", greedy=True, batch_size=2, bucket=64, responses=other, **LENGTHS)
+  assert [r["response"] for r in moved] == other
+  with pytest.raises(ValueError, match="2 responses for 3 prompts"):
+    revision.critique_and_revise(lm, c, constitution_lib.make_format(c, "plain"), PROMPTS,
+                                 jax.random.key(0), responses=other[:2], **LENGTHS)

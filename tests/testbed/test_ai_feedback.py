@@ -24,8 +24,10 @@ def test_frontier_points_start_each_ppo_curve_at_its_start_policy():
   results = {"sft": r(0.2, 0.3), "sft_cai": r(0.15, 0.05), "dpo_human": r(0.5, 0.6),
              "dpo_ai": r(0.4, 0.4), "dpo_cai": r(0.3, 0.1),
              "ppo_curves": {"ppo_human": [r(0.4, 0.5)], "ppo_ai": [r(0.3, 0.4)],
+                            "ppo_direct": [r(0.35, 0.45)],
                             "ppo_cai": [r(0.25, 0.02), r(0.3, 0.03)]}}
   points = ai_feedback.frontier_points(results)
   assert points["RL-CAI (PPO)"] == [(0.15, 0.95), (0.25, 0.98), (0.3, 0.97)]
   assert points["RLHF, helpful only (PPO)"] == [(0.2, 0.7), (0.4, 0.5)]
+  assert points["d-RLAIF (PPO)"] == [(0.2, 0.7), (0.35, 0.55)]
   assert points["SL-CAI"] == [(0.15, 0.95)]

@@ -92,7 +92,9 @@ def test_critique_documents_render_the_revision_template(con):
   harmless, helpful = con.principle("harmless"), con.principle("helpful")
   seen = set()
   for _ in range(100):
-    doc = hr.critique_document(rng, con, "Roast this film:")
+    head, rest = hr.critique_document(rng, con, "Roast this film:")
+    assert head.endswith(("\nInsults?", "\nHarsh?"))
+    doc = head + rest
     m = re.fullmatch(r"Roast this film:(.*)\n(Insults\?|Harsh\?)(.*)\n(.*)\nRoast this film:(.*)",
                      doc)
     assert m, doc
@@ -124,11 +126,13 @@ def test_helpful_answers_agree_with_gold_imperfectly(con):
   assert 0.8 < np.mean(agree) < 0.98, np.mean(agree)
 
 
-def test_judgements_are_the_corpus_documents_cut_at_the_answer(con):
-  rows = hr.judgements(5, 400, con)
-  answers = {r["response"] for r in rows}
+def test_feedback_demonstrations_are_corpus_documents_cut_at_the_judgement(con):
+  rows = hr.feedback_demonstrations(5, 400, con)
+  answers = {r["response"] for r in rows if r["prompt"].endswith(" (")}
   assert answers == {"A)", "B)", "Y)", "N)"}
-  for r in rows:
-    assert r["prompt"].endswith(" (")
-    if r["response"] in ("A)", "B)"):
-      assert "\nA:" in r["prompt"] and "\nB:" in r["prompt"]
+  critiques = [r for r in rows if not r["prompt"].endswith(" (")]
+  share = dict(hr.FEEDBACK_MIXTURE)["critique"]
+  assert abs(len(critiques) - share * len(rows)) < 4 * np.sqrt(len(rows) * share * (1 - share))
+  for r in critiques:   # the critique call's text, then critique, request and revision
+    assert r["prompt"].endswith(("\nInsults?", "\nHarsh?"))
+    assert r["response"].count("\n") == 2
