@@ -75,8 +75,8 @@ def get_config():
   c.feedback.revision_principles = "harmless"   # SL-CAI (Bai et al. revise for harmlessness)
   c.feedback.revision_prompts = 1000        # SL-CAI training prompts (train split)
   c.feedback.revision_rounds = 1
-  c.feedback.revision_tokens = 72
-  c.feedback.critique_tokens = 48
+  c.feedback.critique_tokens = 40    # request + response (72) + critique + revision fit in 256
+  c.feedback.revision_tokens = 64
 
   c.sft_cai = ml_collections.ConfigDict(c.sft.to_dict())
   c.sft_cai.data.source = "dataset"

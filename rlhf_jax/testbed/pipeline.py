@@ -51,8 +51,10 @@ def run_fingerprint(workdir: str) -> dict:
 
 
 def stage_inputs(config: ml_collections.ConfigDict) -> dict:
-  """Fingerprints of the runs a stage config reads (init checkpoint, reward model, DPO
-  reference...): every string field that names a run's workdir, by dotted key."""
+  """Fingerprints of the runs and datasets a stage config reads (init checkpoint, reward
+  model, DPO reference, preference or revision dataset...): every string field that
+  names a run's workdir or a prepared dataset (its metadata.json; the directory's name is
+  a digest of what it was made from), by dotted key."""
   found = {}
 
   def walk(node, prefix):
@@ -61,6 +63,8 @@ def stage_inputs(config: ml_collections.ConfigDict) -> dict:
         walk(value, f"{prefix}{key}.")
       elif isinstance(value, str) and value and os.path.isdir(os.path.join(value, "checkpoints")):
         found[prefix + key] = run_fingerprint(value)
+      elif isinstance(value, str) and value and os.path.isfile(os.path.join(value, "metadata.json")):
+        found[prefix + key] = {"dataset": os.path.abspath(value)}
   walk(config.to_dict(), "")
   return json.loads(json.dumps(found, sort_keys=True))
 
@@ -89,9 +93,14 @@ def _move_aside(path: str) -> str:
 
 
 def _changed(recorded: dict, current: dict) -> str:
+  def describe(fingerprint):
+    fingerprint = fingerprint or {}
+    if "dataset" in fingerprint:
+      return os.path.basename(os.path.dirname(fingerprint["dataset"]))
+    return f"step {fingerprint.get('step')}"
   keys = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
-  return ", ".join(f"{k}: step {(recorded.get(k) or {}).get('step')} -> "
-                   f"{(current.get(k) or {}).get('step')}" for k in keys)
+  return ", ".join(f"{k}: {describe(recorded.get(k))} -> {describe(current.get(k))}"
+                   for k in keys)
 
 
 def train_stage(name: str, config: ml_collections.ConfigDict, root: str) -> str:

@@ -18,3 +18,24 @@ def test_best_of_n_picks_each_prompts_highest_proxy_score():
 def test_best_of_one_picks_every_sample():
   np.testing.assert_array_equal(pipeline.best_of_n_picks(np.array([[3.], [-1.], [0.]])),
                                 [0, 1, 2])
+
+
+def test_stage_inputs_fingerprint_runs_and_datasets(tmp_path):
+  """A stage trained on a dataset is stale once the dataset it names changes (a remade
+  preference or revision dataset has another digest-named directory)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  run = tmp_path / "sft"
+  (run / "checkpoints" / "10").mkdir(parents=True)
+  old, new = (tmp_path / "preference" / name / "1.0.0" for name in ("ai-aaa", "ai-bbb"))
+  for d in (old, new):
+    d.mkdir(parents=True)
+    (d / "metadata.json").write_text("{}")
+  config = ml_collections.ConfigDict({"init": {"checkpoint": str(run)},
+                                      "data": {"dataset_dir": str(old), "source": "dataset"}})
+  before = pipeline.stage_inputs(config)
+  assert before["init.checkpoint"]["step"] == 10
+  assert before["data.dataset_dir"] == {"dataset": str(old)}
+  config.data.dataset_dir = str(new)
+  after = pipeline.stage_inputs(config)
+  assert after != before
+  assert pipeline._changed(before, after) == "data.dataset_dir: ai-aaa -> ai-bbb"  # pylint: disable=protected-access
