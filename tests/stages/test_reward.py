@@ -15,10 +15,20 @@ from rlhf_jax.train import sharding as sharding_lib
 from tests.stages.pairs import pair_config
 
 
+# Cheaper compiles for these tiny programs, each run once or twice.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _compiled(fn, *args):
+  """jax.jit(fn) compiled for the shapes of `args` with FAST_COMPILE."""
+  return jax.jit(fn).lower(*args).compile(FAST_COMPILE)
+
+
 def _model_and_params(config):
   model = common.make_model(config, reward.HEADS)
   tokens = jnp.zeros((1, 8), jnp.int32)
-  params = model.init(jax.random.key(1), tokens, tokens, jnp.ones_like(tokens))["params"]
+  args = (jax.random.key(1), tokens, tokens, jnp.ones_like(tokens))
+  params = _compiled(model.init, *args)(*args)["params"]
   return model, jax.tree.map(lambda x: getattr(x, "value", x), params,
                              is_leaf=lambda x: hasattr(x, "value"))
 
@@ -40,13 +50,17 @@ def test_reward_read_at_last_real_token_either_padding_side(tmp_path):
   config = pair_config(reward_config, tmp_path)
   model, params = _model_and_params(config)
   right, left = _padded_both_sides(SEQS, length=9)
-  r_right = reward.score(model, params, jnp.asarray(right), jnp.asarray(right != 0, jnp.int32))
-  r_left = reward.score(model, params, jnp.asarray(left), jnp.asarray(left != 0, jnp.int32))
+  (right, right_mask), (left, left_mask) = ((jnp.asarray(x), jnp.asarray(x != 0, jnp.int32))
+                                            for x in (right, left))
+  score = _compiled(lambda p, t, m: reward.score(model, p, t, m), params, right, right_mask)
+  r_right, r_left = score(params, right, right_mask), score(params, left, left_mask)
+  scalars = lambda p, t: model.apply({"params": p}, t, jnp.arange(t.shape[1])[None],
+                                     jnp.ones_like(t))[0]["scalar"]
   for i, s in enumerate(SEQS):   # unpadded, one sequence at a time
     tokens = jnp.asarray([s])
-    out, _ = model.apply({"params": params}, tokens, jnp.arange(len(s))[None], jnp.ones_like(tokens))
-    np.testing.assert_allclose(r_right[i], out["scalar"][0, -1], atol=1e-5)
-    np.testing.assert_allclose(r_left[i], out["scalar"][0, -1], atol=1e-5)
+    out = _compiled(scalars, params, tokens)(params, tokens)
+    np.testing.assert_allclose(r_right[i], out[0, -1], atol=1e-5)
+    np.testing.assert_allclose(r_left[i], out[0, -1], atol=1e-5)
   assert abs(float(r_right[0] - r_right[1])) > 1e-4     # the two rewards do differ
 
 
