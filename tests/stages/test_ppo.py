@@ -153,21 +153,28 @@ def test_rollout_pieces_equal_a_numpy_forward_pass(dirs):
   batch = next(ppo.make_data(config, config.data.data_dir).train)
   p, n, temperature = (config.data.prompt_len, config.sampling.max_new_tokens,
                        config.sampling.temperature)
-  sample = sampling.sample(state.params["policy"], models.policy, batch["prompt_tokens"],
-                           batch["prompt_mask"], jax.random.key(1), max_new_tokens=n,
-                           temperature=temperature, eos_id=2, pad_id=0)
-  # Eager (un-jitted) pieces of rollout_lib.rollout.
-  policy = rollout_lib.response_outputs(models.policy, state.params["policy"], sample.tokens,
-                                        sample.mask, p, temperature)
-  critic = rollout_lib.response_outputs(models.critic, state.params["critic"], sample.tokens,
-                                        sample.mask, p)
-  scores = rewards.model_reward_fn(models.reward)(state.extras, sample)
-  sample, policy, critic, scores = jax.device_get((sample, policy, critic, scores))
+
+  def pieces(params, extras, prompt_tokens, prompt_mask, rng):
+    """rollout_lib.rollout's pieces (sample, policy and critic outputs, scores), compiled."""
+    sample = sampling.sample(params["policy"], models.policy, prompt_tokens, prompt_mask, rng,
+                             max_new_tokens=n, temperature=temperature, eos_id=2, pad_id=0)
+    policy = rollout_lib.response_outputs(models.policy, params["policy"], sample.tokens,
+                                          sample.mask, p, temperature)
+    critic = rollout_lib.response_outputs(models.critic, params["critic"], sample.tokens,
+                                          sample.mask, p)
+    return sample, policy, critic, rewards.model_reward_fn(models.reward)(extras, sample)
+
+  args = (state.params, state.extras, batch["prompt_tokens"], batch["prompt_mask"],
+          jax.random.key(1))
+  sample, policy, critic, scores = jax.device_get(
+      jax.jit(pieces).lower(*args).compile(FAST_COMPILE)(*args))
 
   tokens, mask = sample.tokens, sample.mask
   positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
-  apply = lambda model, params: jax.device_get(model.apply({"params": params}, tokens,
-                                                           positions, mask)[0])
+
+  def apply(model, params):   # the full forward pass, compiled with the same options
+    fn = lambda params: model.apply({"params": params}, tokens, positions, mask)[0]
+    return jax.device_get(jax.jit(fn).lower(params).compile(FAST_COMPILE)(params))
   logits = np.asarray(apply(models.reference, state.extras["reference"])["logits"], np.float64)
   # Response token t is predicted at position p - 1 + t.
   logp = log_softmax(logits[:, p - 1:p - 1 + n] / temperature)
