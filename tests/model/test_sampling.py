@@ -10,12 +10,22 @@ from tests.model.test_transformer import GPT2, LLAMA, forward, left_padded, rand
 
 NO_EOS = -1  # outside the vocabulary: sequences never stop early
 PAD = 0
+# Cheaper compiles for these tiny programs; each sampler call below compiles once anyway.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def prompts(batch=3, p=5, vocab=48, seed=0):
   lengths = [p, 3, 1, 4, 2, 5, 1, 3][:batch] if batch <= 8 else [1 + i % p for i in range(batch)]
   tokens, mask, _ = left_padded(np.random.default_rng(seed), lengths, p, vocab)
   return tokens, mask
+
+
+def compiled_sample(params, model, tokens, mask, rng, **options):
+  """`sampling.sample(...)` compiled with FAST_COMPILE for these shapes and `options`."""
+  fn = lambda params, tokens, mask, rng: sampling.sample(params, model, tokens, mask, rng,
+                                                         **options)
+  args = (params, jnp.asarray(tokens), jnp.asarray(mask), rng)
+  return jax.jit(fn).lower(*args).compile(FAST_COMPILE)(*args)
 
 
 def full_logits(model, params, tokens, mask):
@@ -82,12 +92,12 @@ def test_logprobs_are_unfiltered_tempered_log_softmax():
 def test_top_k_one_and_small_top_p_equal_greedy():
   model, params = random_params(LLAMA)
   tokens, mask = prompts()
-  run = lambda **kw: sampling.sample(params, model, tokens, mask, jax.random.key(2),
+  run = lambda **kw: compiled_sample(params, model, tokens, mask, jax.random.key(2),
                                      max_new_tokens=6, eos_id=NO_EOS, pad_id=PAD, **kw)
-  greedy = run(greedy=True)
-  for out in (run(top_k=1), run(top_p=1e-3)):
+  greedy, top_k_1 = run(greedy=True), run(top_k=1)
+  for out in (top_k_1, run(top_p=1e-3)):
     np.testing.assert_array_equal(out.response_tokens, greedy.response_tokens)
-  np.testing.assert_allclose(run(top_k=1).logprobs, greedy.logprobs, atol=1e-6)
+  np.testing.assert_allclose(top_k_1.logprobs, greedy.logprobs, atol=1e-6)
   sampled = run(temperature=1.5)
   assert np.any(sampled.response_tokens != greedy.response_tokens)
 
@@ -102,7 +112,7 @@ def test_top_k_support_and_temperature_distribution():
   logits = full_logits(model, params, tokens[:1], mask[:1])[0, -1].astype(np.float64)
   top = np.argsort(-logits)[:k]
   for top_k in (0, k):
-    out = sampling.sample(params, model, tokens, mask, jax.random.key(3), max_new_tokens=3,
+    out = compiled_sample(params, model, tokens, mask, jax.random.key(3), max_new_tokens=3,
                           temperature=temperature, top_k=top_k, eos_id=NO_EOS, pad_id=PAD)
     probs = np.exp(log_softmax(logits / temperature))
     if top_k:
@@ -128,7 +138,7 @@ def test_top_p_keeps_the_nucleus():
   order = np.argsort(-probs)
   cum = np.cumsum(probs[order])
   top_p = float((cum[1] + cum[2]) / 2)  # nucleus: the 3 most likely tokens
-  out = sampling.sample(params, model, tokens, mask, jax.random.key(4), max_new_tokens=1,
+  out = compiled_sample(params, model, tokens, mask, jax.random.key(4), max_new_tokens=1,
                         temperature=temperature, top_p=top_p, eos_id=NO_EOS, pad_id=PAD)
   freq = np.bincount(np.asarray(out.response_tokens[:, 0]), minlength=len(probs)) / b
   nucleus = np.zeros_like(probs)
