@@ -312,10 +312,14 @@ def test_precomputed_reference_logps_follow_the_reference_run(tmp_path):
     after = saved["train/reference_chosen_logps"]
     meta = json.loads(str(saved["meta"]))
   assert np.max(np.abs(after - before)) > 1e-3
-  # The new values are the trained reference's: the step-1 implicit rewards are 0.
+  # The new values are the trained reference's: the step-1 implicit rewards are 0 (the
+  # step's loss and metrics, forward only: no gradient needed).
   with jax.set_mesh(mesh):
     state = dpo.init(config, jax.random.key(0), mesh)
-    _, metrics = jax.jit(dpo.make_step(config))(state, batch, jax.random.key(1))
+    step_metrics = lambda params, extras, batch: dpo.dpo_loss_and_metrics(
+        config.preference, common.make_model(config), params, extras.get("reference"), batch)[1]
+    args = (state.params, state.extras, batch)
+    metrics = jax.jit(step_metrics).lower(*args).compile(FAST_COMPILE)(*args)
   np.testing.assert_allclose(metrics["rewards/chosen"], 0.0, atol=1e-5)
   assert meta["reference_step"] == 4
 
