@@ -130,13 +130,16 @@ def test_ai_feedback_quick(tmp_path):
   run(["experiments.ai_feedback", f"--workdir={tmp_path}", "--config.quick=True"])
   with open(tmp_path / "results.json") as f:
     results = json.load(f)
-  policies = ("sft", "sft_cai", "ppo_human", "dpo_human", "ppo_ai", "dpo_ai", "ppo_direct",
-              "ppo_cai", "dpo_cai")
+  # d-RLAIF (ppo_direct) runs on <= 2 devices; the tests run on 8 (tests/feedback/
+  # test_direct.py covers its reward and GRPO iterations on 2).
+  policies = ("sft", "sft_cai", "ppo_human", "dpo_human", "ppo_ai", "dpo_ai", "ppo_cai",
+              "dpo_cai")
+  assert "ppo_direct" not in results
   assert {r["num"] for r in map(results.get, policies)} == {16}
   for name in policies[1:]:     # every trained policy measured against its reference
     assert results[name]["kl_stderr"] > 0 and results[name]["reference"] in ("sft", "sft_cai")
     assert 0.0 <= results[name]["harm_mean"] <= 1.0
-  for arm in ("human", "ai", "direct", "cai"):   # a frontier curve point per PPO checkpoint
+  for arm in ("human", "ai", "cai"):   # a frontier curve point per PPO checkpoint
     assert [c["step"] for c in results["ppo_curves"][f"ppo_{arm}"]] == [1, 2]
   # The AI arms' labels come from the judge, written in the same preference format.
   from rlhf_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top

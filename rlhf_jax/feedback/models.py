@@ -156,10 +156,13 @@ def load(path: str, *, chat_template_file: str = "", mesh=None, axis_rules=None,
     raise FileNotFoundError(f"{path}: no config.json (expected an rlhf_jax run's workdir or "
                             "a Hugging Face model directory)")
   mesh = mesh or _single_device_mesh()
-  if is_hf_dir(path):
-    lm = _load_hf(path, mesh, axis_rules or (), max_len)
-  else:
-    lm = _load_run(path, mesh, ("lm",))
+  # Under `mesh` even when called inside a training loop's own mesh (the RL stage loads
+  # its judge there): jit refuses outputs on devices other than the context mesh's.
+  with jax.set_mesh(mesh):
+    if is_hf_dir(path):
+      lm = _load_hf(path, mesh, axis_rules or (), max_len)
+    else:
+      lm = _load_run(path, mesh, ("lm",))
   if chat_template_file:
     if not os.path.isfile(chat_template_file):
       raise FileNotFoundError(f"chat template {chat_template_file!r}: no such file")

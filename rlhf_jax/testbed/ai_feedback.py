@@ -235,11 +235,13 @@ def evaluate_all(config, root: str, dirs: dict) -> dict:
   rng = jax.random.key(config.seed + 1)
   results = {}
   for name, ref in REFERENCES.items():
+    if name not in dirs:
+      continue
     results[name] = _evaluate(dirs[name], dirs[ref] if ref else None, prompts, tokenizer, rng,
                               sampling)
     results[name]["reference"] = ref
   curves = {}
-  for name in PPO_RUNS:
+  for name in (n for n in PPO_RUNS if n in dirs):
     ref = REFERENCES[name]
     reference = policy_lib.as_policy(dirs[ref])
     curves[name] = []
@@ -279,7 +281,7 @@ def markdown(results: dict, report: dict) -> str:
             "ppo_direct": "none: judge verdict as reward (helpful)",
             "ppo_cai": "AI judge (harmless + helpful)",
             "dpo_cai": "AI judge (harmless + helpful)"}
-  for name in REFERENCES:
+  for name in (n for n in REFERENCES if n in results):
     r = results[name]
     sample = r["samples"][0]["response"].replace("|", "/") if r["samples"] else ""
     lines.append(f"| {name} | {labels[name]} | {_pm(r['gold_mean'], r['gold_stderr'])} | "
@@ -335,11 +337,15 @@ def run(config: ml_collections.ConfigDict, root: str) -> dict:
   dirs.update(arm_runs(config, root, "human", dirs["sft"], dirs["labels_human"]))
   dirs.update(arm_runs(config, root, "ai", dirs["sft"], dirs["labels_ai"]))
   dirs.update(arm_runs(config, root, "cai", dirs["sft_cai"], dirs["labels_cai"]))
-  direct = pipeline.stage_config(config, "ppo", root, checkpoint=dirs["sft"])
-  direct.rl.update(reward="judge", judge=dirs["judge"], judge_constitution=config.data.constitution,
-                   judge_principles=config.feedback.rlaif_principles,
-                   judge_batch_size=config.feedback.judge_batch_size)
-  dirs["ppo_direct"] = pipeline.train_stage("ppo_direct", direct, root)
+  if jax.device_count() <= 2:   # d-RLAIF's judge callback (train/validate.py)
+    direct = pipeline.stage_config(config, "ppo", root, checkpoint=dirs["sft"])
+    direct.rl.update(reward="judge", judge=dirs["judge"],
+                     judge_constitution=config.data.constitution,
+                     judge_principles=config.feedback.rlaif_principles,
+                     judge_batch_size=config.feedback.judge_batch_size)
+    dirs["ppo_direct"] = pipeline.train_stage("ppo_direct", direct, root)
+  else:
+    print(f"[pipeline] ppo_direct: skipped ({jax.device_count()} devices; d-RLAIF runs on <= 2)")
   print("[pipeline] judge report: agreement with gold per principle on held-out pairs")
   report = judge_report(config, root, dirs)
   print("[pipeline] evaluation: every policy on the same held-out red-team prompts")

@@ -85,6 +85,13 @@ def problems(config: ml_collections.ConfigDict, mesh: Mesh) -> list[str]:
   if config.get("stage") in ROLLOUT_STAGES and _get(config, "rl.reward") == "judge":
     from rlhf_jax.feedback import direct  # pylint: disable=g-import-not-at-top  (no cycle)
     out.extend(direct.config_problems(config))
+    if mesh.size > 2:
+      # The judge runs in the step's host callback on a device the step waits on; over
+      # 8 CPU devices PPO's second iteration deadlocked in an all-reduce (2 devices ran).
+      # In-graph judging (the judge's params as extras, like the reward model) is the fix.
+      out.append(f"config.rl.reward='judge' over {mesh.size} devices: the judge scores in a "
+                 "host callback, which deadlocked the step's collectives over 8 devices; run "
+                 "d-RLAIF on one or two devices")
   return out
 
 

@@ -185,6 +185,13 @@ def test_config_errors_name_the_field(files):
     validate.check(judge_config(files, judge_constitution=path), mesh)
 
 
+def test_more_than_two_devices_is_refused_at_start_up(files):
+  mesh = sharding_lib.make_mesh(ml_collections.ConfigDict(dict(data=4, fsdp=1, tensor=1)),
+                                jax.devices()[:4])
+  with pytest.raises(validate.ConfigError, match="reward='judge' over 4 devices"):
+    validate.check(judge_config(files), mesh)
+
+
 def decode_bytes(tokens, mask):
   """Byte-tokenizer decoding by hand: ids 3..258 are bytes, the rest dropped."""
   return [bytes(int(t) - 3 for t, m in zip(row, keep) if m and 3 <= t < 259).decode(
