@@ -1,6 +1,8 @@
 """Reward stage: the reward is read at the last real token; the loss is the formula's, in
 training and evaluation alike; gold agreement by hand."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,13 +26,19 @@ def _compiled(fn, *args):
   return jax.jit(fn).lower(*args).compile(FAST_COMPILE)
 
 
-def _model_and_params(config):
-  model = common.make_model(config, reward.HEADS)
+@functools.cache
+def _initial_params(model):
+  """The model's unboxed params from key 1, compiled once per model (the tests share it)."""
   tokens = jnp.zeros((1, 8), jnp.int32)
   args = (jax.random.key(1), tokens, tokens, jnp.ones_like(tokens))
   params = _compiled(model.init, *args)(*args)["params"]
-  return model, jax.tree.map(lambda x: getattr(x, "value", x), params,
-                             is_leaf=lambda x: hasattr(x, "value"))
+  return jax.tree.map(lambda x: getattr(x, "value", x), params,
+                      is_leaf=lambda x: hasattr(x, "value"))
+
+
+def _model_and_params(config):
+  model = common.make_model(config, reward.HEADS)
+  return model, _initial_params(model)
 
 
 SEQS = [[1, 40, 50, 60, 70, 2], [1, 80, 90, 2]]
@@ -46,21 +54,42 @@ def _padded_both_sides(seqs, length):
   return right, left
 
 
+def _score(model, params, padded, pooling="last"):
+  """reward.score of padded tokens [batch, seq] (mask: tokens != 0), compiled."""
+  tokens, mask = jnp.asarray(padded), jnp.asarray(padded != 0, jnp.int32)
+  return _score_fn(model, pooling, tokens.shape)(params, tokens, mask)
+
+
+@functools.cache
+def _score_fn(model, pooling, shape):
+  tokens = jnp.zeros(shape, jnp.int32)
+  return _compiled(lambda p, t, m: reward.score(model, p, t, m, pooling),
+                   _initial_params(model), tokens, tokens)
+
+
+@functools.cache
+def _unpadded_scalars_fn(model, length):
+  """Compiled (params, tokens [1, length]) -> the scalar head [1, length] of one unpadded
+  sequence (positions 0, 1, ...)."""
+  fn = lambda p, t: model.apply({"params": p}, t, jnp.arange(length)[None],
+                                jnp.ones_like(t))[0]["scalar"]
+  return _compiled(fn, _initial_params(model), jnp.zeros((1, length), jnp.int32))
+
+
+def _unpadded_scalars(model, params, seq):
+  """The scalar head [len(seq)] of one unpadded sequence."""
+  return np.asarray(_unpadded_scalars_fn(model, len(seq))(params, jnp.asarray([seq]))[0])
+
+
 def test_reward_read_at_last_real_token_either_padding_side(tmp_path):
   config = pair_config(reward_config, tmp_path)
   model, params = _model_and_params(config)
   right, left = _padded_both_sides(SEQS, length=9)
-  (right, right_mask), (left, left_mask) = ((jnp.asarray(x), jnp.asarray(x != 0, jnp.int32))
-                                            for x in (right, left))
-  score = _compiled(lambda p, t, m: reward.score(model, p, t, m), params, right, right_mask)
-  r_right, r_left = score(params, right, right_mask), score(params, left, left_mask)
-  scalars = lambda p, t: model.apply({"params": p}, t, jnp.arange(t.shape[1])[None],
-                                     jnp.ones_like(t))[0]["scalar"]
+  r_right, r_left = _score(model, params, right), _score(model, params, left)
   for i, s in enumerate(SEQS):   # unpadded, one sequence at a time
-    tokens = jnp.asarray([s])
-    out = _compiled(scalars, params, tokens)(params, tokens)
-    np.testing.assert_allclose(r_right[i], out[0, -1], atol=1e-5)
-    np.testing.assert_allclose(r_left[i], out[0, -1], atol=1e-5)
+    last = _unpadded_scalars(model, params, s)[-1]
+    np.testing.assert_allclose(r_right[i], last, atol=1e-5)
+    np.testing.assert_allclose(r_left[i], last, atol=1e-5)
   assert abs(float(r_right[0] - r_right[1])) > 1e-4     # the two rewards do differ
 
 
@@ -69,13 +98,10 @@ def test_sum_pooling_sums_the_token_scalars_of_real_tokens_only(tmp_path):
   model, params = _model_and_params(config)
   right, left = _padded_both_sides(SEQS, length=9)
   for padded in (right, left):
-    rewards = reward.score(model, params, jnp.asarray(padded),
-                           jnp.asarray(padded != 0, jnp.int32), pooling="sum")
+    rewards = _score(model, params, padded, pooling="sum")
     for i, s in enumerate(SEQS):
-      tokens = jnp.asarray([s])
-      out, _ = model.apply({"params": params}, tokens, jnp.arange(len(s))[None],
-                           jnp.ones_like(tokens))
-      np.testing.assert_allclose(rewards[i], np.sum(np.asarray(out["scalar"][0], np.float64)),
+      out = _unpadded_scalars(model, params, s)
+      np.testing.assert_allclose(rewards[i], np.sum(np.asarray(out, np.float64)),
                                  rtol=1e-5, atol=1e-5)
 
 
