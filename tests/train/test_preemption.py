@@ -106,7 +106,7 @@ def test_stage_whose_input_run_changed_is_trained_again(tmp_path, capsys):
   loop.train(small_config(12), first, example_stage)   # the input run trains on (as after a resume)
   pipeline.train_stage("second", small_config(8, checkpoint=first), root)
   out = capsys.readouterr().out
-  assert "second: its inputs changed since it was trained (init.checkpoint: step 8 -> 12)" in out
+  assert "second: its inputs changed since it was trained (init.checkpoint: step 8 -> step 12)" in out
   assert json.load(open(os.path.join(second, pipeline.INPUTS_FILE)))[
       "init.checkpoint"]["step"] == 12
   assert saved_steps(os.path.join(root, "second.stale-1")) == [4, 8]   # kept, not deleted
